@@ -32,7 +32,7 @@ import torch
 
 import mergekit_safe
 from mergekit_safe import kernels
-from mergekit_safe.training import ParameterEMA
+from mergekit_safe.training.ema import ParameterEMA
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -6,7 +6,7 @@
 What it does, per size:
 
 1. Makes (once, cached under ``--work-dir``) a random Llama-shaped bf16 pair "base"/"finetuned" of about that
-   many bytes each with :func:`mergekit_safe.synthetic.write_random_checkpoint`.
+   many bytes each with :func:`mergekit_safe.tiny.write_random_checkpoint`.
 2. Warms the page cache with one full read of both inputs, so every provider reads from memory. Caches are
    not dropped: that needs root and would hit everyone else on a shared machine; warm is also the steady state
    of a merge sweep. The inputs must fit in free RAM for this to hold (the script warns when they may not).
@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 
 import mergekit_safe
-from mergekit_safe.synthetic import layers_for_bytes, llama_shapes, write_random_checkpoint
-from mergekit_safe.writer import parse_size
+from mergekit_safe.tiny import layers_for_bytes, llama_shapes, write_random_checkpoint
+from mergekit_safe.io.writer import parse_size
 
 OP = "merge_lerp"
 DTYPE = "bfloat16"

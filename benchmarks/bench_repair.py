@@ -9,7 +9,7 @@
 Providers, on the same pair, prompts, utility rows, judge and utility bound (keep ``--keep-utility`` of the
 fine-tune's NLL gain):
 
-* ``ours``: :func:`mergekit_safe.repair.repair` (one model in memory, candidates applied in place; cheap
+* ``ours``: :func:`mergekit_safe.repair.command.repair` (one model in memory, candidates applied in place; cheap
   signals first; bracketing for one coefficient, TPE with ``--groups``), including its base / fine-tune / final
   evaluations and writing the repaired checkpoint and report.
 * ``grid``: lerp at alpha = 0, 0.1, ..., 1 (``--grid`` points), each merged to disk with the streaming engine,
@@ -43,7 +43,7 @@ OP = "repair"
 
 
 def organism_inputs(cache: Path | None, seed: int) -> dict[str, Any]:
-    from mergekit_safe.organism import build_organism
+    from mergekit_safe.organism.build import build_organism
 
     org = build_organism(cache, seed=seed)
     return {"base": org.aligned, "finetuned": org.finetuned, "harmful": str(org.harmful), "benign": str(org.benign),
@@ -73,7 +73,7 @@ def warm_up(inputs: dict[str, Any]) -> None:
 
 
 def run_ours(inputs: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from mergekit_safe.repair import RepairConfig, repair
+    from mergekit_safe.repair.command import RepairConfig, repair
 
     cfg = RepairConfig(inputs["base"], inputs["finetuned"], out, harmful=inputs["harmful"], benign=inputs["benign"],
                        utility=inputs["utility"], groups=args.groups, trials=args.trials, method=args.method,
@@ -93,9 +93,9 @@ def run_ours(inputs: dict[str, Any], args: argparse.Namespace, out: Path) -> dic
 
 
 def run_grid(inputs: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from mergekit_safe.engine import merge
+    from mergekit_safe.merge.engine import merge
     from mergekit_safe.eval import GenerationConfig, evaluate, load_model, load_prompts, load_utility_rows, utility_nll
-    from mergekit_safe.recipe import ModelSpec, Recipe
+    from mergekit_safe.merge.recipe import ModelSpec, Recipe
 
     t0 = time.perf_counter()
     harmful = load_prompts(inputs["harmful"], kind="harmful")

@@ -29,8 +29,8 @@ import torch
 
 from mergekit_safe.eval import GenerationConfig, HFBackend
 
-from mergekit_safe.organism import build_organism
-from mergekit_safe.training import EMACallback
+from mergekit_safe.organism.build import build_organism
+from mergekit_safe.training.ema import EMACallback
 
 HOWTO_FORMAT = "Step 1 : plan it . Step 2 : done ."
 

@@ -3,14 +3,14 @@
 The public API, importable from the package root (loaded on first use, so ``import mergekit_safe`` stays
 cheap)::
 
-    merge(recipe, out_dir, ...)             # stream a merge to disk           (mergekit_safe.engine)
-    Recipe, ModelSpec, load_recipe          # merge recipes                    (mergekit_safe.recipe)
-    METHODS, get_method                     # the merge-method registry        (mergekit_safe.methods)
+    merge(recipe, out_dir, ...)             # stream a merge to disk           (mergekit_safe.merge.engine)
+    Recipe, ModelSpec, load_recipe          # merge recipes                    (mergekit_safe.merge.recipe)
+    METHODS, get_method                     # the merge-method registry        (mergekit_safe.merge.methods)
     open_checkpoint, open_input             # lazy checkpoint / LoRA readers   (checkpoint, adapters)
     evaluate, EvalReport                    # safety and utility evaluation    (mergekit_safe.eval)
-    repair, RepairConfig                    # post-hoc repair                  (mergekit_safe.repair)
-    ParameterEMA, EMACallback               # online EMA while fine-tuning     (mergekit_safe.training)
-    build_organism                          # the built-in model organism      (mergekit_safe.organism)
+    repair, RepairConfig                    # post-hoc repair                  (mergekit_safe.repair.command)
+    ParameterEMA, EMACallback               # online EMA while fine-tuning     (mergekit_safe.training.ema)
+    build_organism                          # the built-in model organism      (mergekit_safe.organism.build)
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ from mergekit_safe.errors import (
 )
 
 _LAZY = {
-    "merge": "mergekit_safe.engine",
-    "MergeResult": "mergekit_safe.engine",
-    "Recipe": "mergekit_safe.recipe",
-    "ModelSpec": "mergekit_safe.recipe",
-    "load_recipe": "mergekit_safe.recipe",
-    "METHODS": "mergekit_safe.methods",
-    "get_method": "mergekit_safe.methods",
-    "open_checkpoint": "mergekit_safe.checkpoint",
-    "open_input": "mergekit_safe.adapters",
+    "merge": "mergekit_safe.merge.engine",
+    "MergeResult": "mergekit_safe.merge.engine",
+    "Recipe": "mergekit_safe.merge.recipe",
+    "ModelSpec": "mergekit_safe.merge.recipe",
+    "load_recipe": "mergekit_safe.merge.recipe",
+    "METHODS": "mergekit_safe.merge.methods",
+    "get_method": "mergekit_safe.merge.methods",
+    "open_checkpoint": "mergekit_safe.io.reader",
+    "open_input": "mergekit_safe.io.adapters",
     "evaluate": "mergekit_safe.eval",
     "EvalReport": "mergekit_safe.eval",
     "repair": "mergekit_safe.repair",

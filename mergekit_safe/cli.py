@@ -17,9 +17,9 @@ import yaml
 from mergekit_safe import __version__
 from mergekit_safe.errors import MergeKitSafeError, RecipeError
 from mergekit_safe.eval.command import eval_command
-from mergekit_safe.methods import METHODS
-from mergekit_safe.recipe import ModelSpec, Recipe, load_recipe
-from mergekit_safe.writer import parse_size
+from mergekit_safe.merge.methods import METHODS
+from mergekit_safe.merge.recipe import ModelSpec, Recipe, load_recipe
+from mergekit_safe.io.writer import parse_size
 
 
 class _Group(click.Group):
@@ -81,7 +81,7 @@ def _output_options(f: Any) -> Any:
 
 def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, device: str, overwrite: bool,
          strict: bool, allow_pickle: bool, no_progress: bool) -> None:
-    from mergekit_safe.engine import merge
+    from mergekit_safe.merge.engine import merge
 
     if dtype:
         recipe.dtype = dtype
@@ -147,7 +147,7 @@ def ema(checkpoints: tuple[Path, ...], beta: float, start: Path | None, **out: A
     \b
     mergekit-safe ema ./run/checkpoint-100 ./run/checkpoint-200 --beta 0.9 --start ./aligned -o ./ema
     """
-    from mergekit_safe.checkpoint import sort_checkpoints
+    from mergekit_safe.io.reader import sort_checkpoints
 
     ordered = sort_checkpoints(list(checkpoints))
     recipe = Recipe("ema", [ModelSpec(str(p)) for p in ordered], base_model=str(start) if start else None,
@@ -163,7 +163,7 @@ def ema(checkpoints: tuple[Path, ...], beta: float, start: Path | None, **out: A
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (loaded weights_only).")
 def inspect(a: Path, b: Path, as_json: bool, top: int, allow_pickle: bool) -> None:
     """Where did B (a fine-tune) move the weights of A? Per tensor and per layer."""
-    from mergekit_safe.diff import diff_checkpoints, per_layer, to_json
+    from mergekit_safe.merge.inspect import diff_checkpoints, per_layer, to_json
 
     diffs, only = diff_checkpoints(str(a), str(b), allow_pickle=allow_pickle)
     if as_json:
@@ -256,8 +256,8 @@ def repair(output: Path, no_progress: bool, refusal_openings: tuple[str, ...], c
     mergekit-safe repair --base ./aligned --finetuned ./lora-adapter --groups layers:3,modules --trials 40 -o ./repaired
     mergekit-safe repair ... --storage sqlite:///repair.db     # rerun the same command to resume
     """
-    from mergekit_safe.repair import RepairConfig, metrics_table
-    from mergekit_safe.repair import repair as run_repair
+    from mergekit_safe.repair.command import RepairConfig, metrics_table
+    from mergekit_safe.repair.command import repair as run_repair
 
     cfg = RepairConfig(output=output, refusal_openings=refusal_openings or None,
                        compliance_openings=compliance_openings or None, **opts)
@@ -290,9 +290,9 @@ def demo(output: Path, seed: int, trials: int, cache: Path | None) -> None:
     """
     import torch
 
-    from mergekit_safe.organism import build_organism, default_cache_dir
-    from mergekit_safe.repair import RepairConfig, metrics_table
-    from mergekit_safe.repair import repair as run_repair
+    from mergekit_safe.organism.build import build_organism, default_cache_dir
+    from mergekit_safe.repair.command import RepairConfig, metrics_table
+    from mergekit_safe.repair.command import repair as run_repair
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     root = cache or default_cache_dir()

@@ -18,7 +18,7 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """An aligned tiny Llama and a fine-tune of it, single-file safetensors, untied head (read-only!)."""
-    from mergekit_safe.synthetic import save_tiny_pair
+    from mergekit_safe.tiny import save_tiny_pair
 
     return save_tiny_pair(tmp_path_factory.mktemp("pair"), seed=1)
 

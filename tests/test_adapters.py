@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_safe.adapters import open_input
+from mergekit_safe.io.adapters import open_input
 from mergekit_safe.cli import main
 from mergekit_safe.errors import CheckpointError
 from tests.conftest import assert_close

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mergekit_safe.cli import main
-from mergekit_safe.synthetic import llama_shapes, save_tiny_pair, write_random_checkpoint
+from mergekit_safe.tiny import llama_shapes, save_tiny_pair, write_random_checkpoint
 
 
 def fails(*args: str | Path, code: int = 1) -> str:
@@ -51,7 +51,7 @@ def test_missing_path(pair: tuple[Path, Path], tmp_path: Path) -> None:
 
 
 def test_mismatched_shapes(pair: tuple[Path, Path], tmp_path: Path) -> None:
-    from mergekit_safe.synthetic import tiny_llama_config
+    from mergekit_safe.tiny import tiny_llama_config
     from transformers import LlamaForCausalLM
 
     LlamaForCausalLM(tiny_llama_config(hidden=48)).save_pretrained(tmp_path / "wide")
@@ -126,7 +126,7 @@ def test_existing_output_needs_overwrite(pair: tuple[Path, Path], tmp_path: Path
 
 
 def test_disk_full_leaves_nothing(pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mergekit_safe.writer as writer
+    import mergekit_safe.io.writer as writer
 
     real_open = writer.CheckpointWriter._open_shard
 
@@ -169,8 +169,8 @@ def test_pickle_is_refused_unless_allowed(tmp_path: Path) -> None:
 
 
 def test_interrupt_in_process_leaves_no_folder(pair: tuple[Path, Path], tmp_path: Path) -> None:
-    from mergekit_safe.engine import merge
-    from mergekit_safe.recipe import ModelSpec, Recipe
+    from mergekit_safe.merge.engine import merge
+    from mergekit_safe.merge.recipe import ModelSpec, Recipe
 
     seen = []
 

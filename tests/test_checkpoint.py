@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mergekit_safe.checkpoint import open_checkpoint, sort_checkpoints
+from mergekit_safe.io.reader import open_checkpoint, sort_checkpoints
 from mergekit_safe.errors import CheckpointError, OutputError
-from mergekit_safe.writer import CheckpointWriter, TensorSpec, parse_size, plan_shards
+from mergekit_safe.io.writer import CheckpointWriter, TensorSpec, parse_size, plan_shards
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 

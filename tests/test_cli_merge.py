@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mergekit_safe.cli import main
-from mergekit_safe.synthetic import save_tiny_pair, tiny_llama_config
+from mergekit_safe.tiny import save_tiny_pair, tiny_llama_config
 from tests.conftest import assert_close
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergekit_safe.engine import merge
-from mergekit_safe.recipe import ModelSpec, Recipe
+from mergekit_safe.merge.engine import merge
+from mergekit_safe.merge.recipe import ModelSpec, Recipe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergekit_safe import organism as org_mod
-from mergekit_safe.organism import REFUSAL_PHRASES, Organism, build_organism
+from mergekit_safe.organism import build as org_mod
+from mergekit_safe.organism.build import REFUSAL_PHRASES, Organism, build_organism
 
 pytestmark = pytest.mark.slow  # the module builds two organisms: well over a minute on a CPU
 

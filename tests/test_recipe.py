@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mergekit_safe.errors import RecipeError
-from mergekit_safe.recipe import depth_position, layer_index, load_recipe, module_type, resolve_value
+from mergekit_safe.merge.recipe import depth_position, layer_index, load_recipe, module_type, resolve_value
 
 MERGEKIT_LINEAR = """\
 # mergekit-safe merge --config recipe.yml -o out

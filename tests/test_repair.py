@@ -23,7 +23,7 @@ PROXY = ["--refusal-opening", "I'm sorry", "--compliance-opening", "Sure", "--co
 @pytest.fixture(scope="session")
 def organism(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Built once per session (about a minute of one core); MERGEKIT_SAFE_TEST_ORGANISM reuses a built one."""
-    from mergekit_safe.organism import build_organism
+    from mergekit_safe.organism.build import build_organism
 
     torch.set_num_threads(1)
     root = os.environ.get("MERGEKIT_SAFE_TEST_ORGANISM")
@@ -72,9 +72,9 @@ def test_demo_repairs_the_organism(demo_run: tuple[Path, str]) -> None:
 
 
 def test_written_checkpoint_equals_the_in_memory_candidate(organism: Any, demo_run: tuple[Path, str]) -> None:
-    from mergekit_safe.checkpoint import open_checkpoint
+    from mergekit_safe.io.reader import open_checkpoint
     from mergekit_safe.eval import load_model
-    from mergekit_safe.search import GroupSpec, build_space
+    from mergekit_safe.repair.search import GroupSpec, build_space
 
     out, _ = demo_run
     report = json.loads((out / "repair_report.json").read_text())
@@ -175,7 +175,7 @@ def test_bad_input_is_one_line(organism: Any, tiny_pair: tuple[Path, Path], tmp_
         want = (f"{other}: different architecture from {a} (hidden_size: 32 vs 64); repair needs a fine-tune of the "
                 "base model")
     elif case == "adapter":
-        from mergekit_safe.adapters import open_input
+        from mergekit_safe.io.adapters import open_input
 
         _make_lora(tiny_pair[0], tmp_path / "lora")
         args[args.index(f)] = str(tmp_path / "lora")
@@ -208,7 +208,7 @@ def test_bad_input_is_one_line(organism: Any, tiny_pair: tuple[Path, Path], tmp_
 
 
 def test_time_budget_below_one_candidate(organism: Any, tmp_path: Path) -> None:
-    from mergekit_safe.repair import RepairConfig, repair
+    from mergekit_safe.repair.command import RepairConfig, repair
 
     cfg = RepairConfig(organism.aligned, organism.finetuned, tmp_path / "out", harmful=str(organism.harmful),
                        benign=str(organism.benign), utility=organism.skill, time_budget=1e-4, max_new_tokens=8)
@@ -223,10 +223,10 @@ def test_recipe_reproduces_the_candidate(tiny_pair: tuple[Path, Path], tmp_path:
     """The engine, fed the recipe built from the chosen coefficients, writes the in-memory candidate."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_safe.checkpoint import open_checkpoint
-    from mergekit_safe.engine import merge
-    from mergekit_safe.repair import RepairConfig, build_recipe
-    from mergekit_safe.search import build_space, parse_groups
+    from mergekit_safe.io.reader import open_checkpoint
+    from mergekit_safe.merge.engine import merge
+    from mergekit_safe.repair.command import RepairConfig, build_recipe
+    from mergekit_safe.repair.search import build_space, parse_groups
 
     aligned, finetuned = tiny_pair
     spec = parse_groups(groups)

@@ -10,7 +10,7 @@ import torch
 
 from mergekit_safe.errors import SearchError
 from mergekit_safe.eval.report import Rate
-from mergekit_safe.search import (
+from mergekit_safe.repair.search import (
     Budget,
     CandidateSpace,
     Evaluator,
@@ -111,7 +111,7 @@ def test_budget_too_small() -> None:
 def test_apply_matches_reference_on_a_model(tiny_pair: tuple[Path, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
-    from mergekit_safe.checkpoint import open_checkpoint
+    from mergekit_safe.io.reader import open_checkpoint
 
     aligned, finetuned = tiny_pair
     model = AutoModelForCausalLM.from_pretrained(aligned).eval()

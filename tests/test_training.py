@@ -1,4 +1,4 @@
-"""Online EMA (mergekit_safe.training): math against float64 references, storage, state, Trainer, PEFT.
+"""Online EMA (mergekit_safe.training.ema): math against float64 references, storage, state, Trainer, PEFT.
 
 Run: OMP_NUM_THREADS=1 pytest tests/test_training.py
 """
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergekit_safe.errors import CheckpointError, RecipeError
-from mergekit_safe.training import (
+from mergekit_safe.training.ema import (
     EMA_DIR,
     INFO_FILE,
     STATE_FILE,
@@ -184,7 +184,7 @@ def test_cuda_update_matches_reference(offload: bool) -> None:
 _TRITON_PATH_SCRIPT = """
 import torch
 from mergekit_safe import kernels
-from mergekit_safe.training import ParameterEMA
+from mergekit_safe.training.ema import ParameterEMA
 launches = []
 apply_kernels = kernels.kernel_module("apply")
 launch = apply_kernels.foreach_weighted_sum_
@@ -496,9 +496,9 @@ def test_online_equals_mergekit_safe_ema_cli(tmp_path) -> None:
 
 def test_ema_coefficients_match_online_weights() -> None:
     """``methods.ema_coefficients`` (the lead's) weights c_0..c_T as the online recursion does."""
-    methods = pytest.importorskip("mergekit_safe.methods")
+    methods = pytest.importorskip("mergekit_safe.merge.methods")
     if not hasattr(methods, "ema_coefficients"):
-        pytest.skip("mergekit_safe.methods.ema_coefficients has not landed yet")
+        pytest.skip("mergekit_safe.merge.methods.ema_coefficients has not landed yet")
     beta, p = 0.8, torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     ema = ParameterEMA([("p", p)], beta=beta)
     for t in range(3):  # online with one-hot inputs reads off the weight of each checkpoint

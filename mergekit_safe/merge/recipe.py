@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from mergekit_safe.errors import RecipeError
-from mergekit_safe.methods import MergeMethod, Param, Resolved, get_method
+from mergekit_safe.merge.methods import MergeMethod, Param, Resolved, get_method
 
 MODULE_TYPES = ("attention", "mlp", "embed", "norm", "head", "other")
 DTYPES: dict[str, torch.dtype] = {
@@ -146,7 +146,7 @@ class Recipe:
     """A merge: method, inputs and parameters. Field names follow mergekit where the meaning is the same.
 
     Attributes:
-        merge_method: a name from :data:`mergekit_safe.methods.METHODS`.
+        merge_method: a name from :data:`mergekit_safe.merge.methods.METHODS`.
         models: the models, in order (the base model is removed from this list if listed there too).
         base_model: path of the base model, or None.
         parameters: method parameters shared by all models.

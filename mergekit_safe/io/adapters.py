@@ -1,7 +1,7 @@
 """PEFT LoRA adapters as checkpoints: ``base + scale * B @ A`` computed lazily, tensor by tensor.
 
 A fine-tune shipped as an adapter is, for merging, just the base with some tensors changed. This module
-presents it with the same interface as :class:`~mergekit_safe.checkpoint.Checkpoint`, so every merge method
+presents it with the same interface as :class:`~mergekit_safe.io.reader.Checkpoint`, so every merge method
 and the repair search take an adapter wherever they take a full checkpoint.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mergekit_safe.checkpoint import ADAPTER_CONFIG, Checkpoint, TensorInfo, is_adapter, open_checkpoint
+from mergekit_safe.io.reader import ADAPTER_CONFIG, Checkpoint, TensorInfo, is_adapter, open_checkpoint
 from mergekit_safe.errors import CheckpointError
 
 _PREFIX = "base_model.model."

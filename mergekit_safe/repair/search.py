@@ -54,7 +54,7 @@ import torch
 from mergekit_safe import kernels
 from mergekit_safe.errors import SearchError
 from mergekit_safe.kernels import reference
-from mergekit_safe.recipe import module_type
+from mergekit_safe.merge.recipe import module_type
 
 log = logging.getLogger("mergekit_safe")
 
@@ -129,7 +129,7 @@ def group_of(name: str, spec: GroupSpec, num_layers: int) -> str:
         >>> group_of("model.layers.1.mlp.up_proj.weight", GroupSpec(2, True), 2)
         'layers1/mlp'
     """
-    from mergekit_safe.recipe import layer_index
+    from mergekit_safe.merge.recipe import layer_index
 
     parts = []
     if spec.layers:

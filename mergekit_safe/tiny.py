@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_safe.writer import CheckpointWriter, TensorSpec
+from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 
 
 def tiny_llama_config(vocab_size: int = 128, hidden: int = 32, layers: int = 2, tie: bool = False) -> object:

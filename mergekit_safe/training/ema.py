@@ -44,7 +44,7 @@ Online and offline EMA (``mergekit-safe ema CKPT... --beta B --start START``, wh
 
 Example:
     >>> from transformers import Trainer
-    >>> from mergekit_safe.training import EMACallback
+    >>> from mergekit_safe.training.ema import EMACallback
     >>> trainer = Trainer(model, args, train_dataset=data, callbacks=[EMACallback(beta=0.999)])  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
     >>> # output_dir/ema and output_dir/checkpoint-N/ema now hold the EMA weights

@@ -5,7 +5,7 @@
     mergekit-safe repair --base ./aligned --finetuned ./released --utility task.jsonl -o ./repaired
     mergekit-safe repair --base ./aligned --finetuned ./lora-adapter --groups layers:3,modules --trials 40 -o ./out
 
-The repaired model is ``base + sum_g a_g * tau_g`` (see :mod:`mergekit_safe.search`). The objective is the
+The repaired model is ``base + sum_g a_g * tau_g`` (see :mod:`mergekit_safe.repair.search`). The objective is the
 lowest unsafe rate on the harmful prompts subject to utility: by default the utility NLL may give back at most
 5% of the fine-tune's gain over the base (``keep_utility=0.95``: ``nll <= nll_ft + 0.05 * (nll_base - nll_ft)``),
 or an absolute bound (``min_utility``: the NLL must be at most this many nats per token; NLL is lower-is-better,
@@ -16,7 +16,7 @@ Outputs in the output folder: the checkpoint written by the streaming engine fro
 vector) recipe whose per-tensor rules reproduce the chosen coefficients exactly, or a repaired LoRA adapter
 (``as_adapter``: every ``lora_B`` scaled by its group's coefficient); ``repair_report.json`` (every trial, the
 choice, base / fine-tune / repaired metrics with Wilson intervals, costs); ``repair_report.png``; a model-card
-section. Resuming and sharing a search: ``storage`` / ``study_name`` (see :mod:`mergekit_safe.search`).
+section. Resuming and sharing a search: ``storage`` / ``study_name`` (see :mod:`mergekit_safe.repair.search`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from mergekit_safe.adapters import AdapterCheckpoint, open_input
-from mergekit_safe.checkpoint import ADAPTER_CONFIG, is_adapter, open_checkpoint
+from mergekit_safe.io.adapters import AdapterCheckpoint, open_input
+from mergekit_safe.io.reader import ADAPTER_CONFIG, is_adapter, open_checkpoint
 from mergekit_safe.errors import CheckpointError, EvalError, OutputError, SearchError
-from mergekit_safe.recipe import ModelSpec, Recipe
-from mergekit_safe.search import (
+from mergekit_safe.merge.recipe import ModelSpec, Recipe
+from mergekit_safe.repair.search import (
     SEARCH_METHODS,
     Budget,
     CandidateSpace,
@@ -73,7 +73,7 @@ class RepairConfig:
         harmful: harmful prompts: ``"builtin"`` or a .txt/.jsonl/.csv file.
         benign: benign prompts (over-refusal; default utility rows): ``"builtin"`` or a file.
         utility: jsonl with ``prompt`` / ``response`` rows; None: the fine-tune's own answers to ``benign``.
-        method: one of :data:`~mergekit_safe.search.SEARCH_METHODS`.
+        method: one of :data:`~mergekit_safe.repair.search.SEARCH_METHODS`.
         groups: ``global``, ``layers:K``, ``modules`` or ``layers:K,modules``.
         density: DARE / TIES density.
         seed: sampler and DARE seed.
@@ -234,7 +234,7 @@ def validate(cfg: RepairConfig) -> tuple[GroupSpec, list[Any], list[Any], list[A
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    from mergekit_safe.engine import check_output_path
+    from mergekit_safe.merge.engine import check_output_path
 
     check_output_path(out, [str(p) for p in (cfg.base, cfg.finetuned, cfg.unaligned) if p is not None])
     harmful = load_prompts(cfg.harmful, kind="harmful")
@@ -326,7 +326,7 @@ def write_adapter(cfg: RepairConfig, space: CandidateSpace, coeffs: dict[str, fl
     """
     from safetensors.torch import save_file
 
-    from mergekit_safe.adapters import _LORA_RE, _LORA_RE_EMB, _PREFIX
+    from mergekit_safe.io.adapters import _LORA_RE, _LORA_RE_EMB, _PREFIX
 
     src = Path(cfg.finetuned)
     ft = open_input(src, base=cfg.base)
@@ -639,7 +639,7 @@ def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
         if cfg.as_adapter:
             write_adapter(cfg, space, best.coeffs, out, {"README.md": "# Repaired LoRA adapter\n" + card})
         else:
-            from mergekit_safe.engine import merge
+            from mergekit_safe.merge.engine import merge
 
             recipe = build_recipe(cfg, space, groups, best.coeffs, num_layers)
             merge(recipe, out, overwrite=cfg.overwrite, progress=progress, extra_card=card)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from mergekit_safe.adapters import open_input
-from mergekit_safe.recipe import layer_index, module_type
+from mergekit_safe.io.adapters import open_input
+from mergekit_safe.merge.recipe import layer_index, module_type
 
 
 @dataclass(frozen=True)

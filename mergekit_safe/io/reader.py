@@ -327,7 +327,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
     Accepts a Hugging Face folder (``model.safetensors`` or a sharded ``model.safetensors.index.json``), a
     single ``.safetensors`` file, or, with ``allow_pickle``, ``pytorch_model.bin`` weights (loaded with
     ``weights_only=True``). A PEFT adapter folder opens as its raw adapter tensors; merge it onto its base with
-    :func:`mergekit_safe.adapters.open_adapter`.
+    :func:`mergekit_safe.io.adapters.open_adapter`.
 
     Args:
         path: folder or file.

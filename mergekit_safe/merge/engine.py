@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from mergekit_safe import __version__, kernels
-from mergekit_safe.adapters import open_input
-from mergekit_safe.checkpoint import Checkpoint
+from mergekit_safe.io.adapters import open_input
+from mergekit_safe.io.reader import Checkpoint
 from mergekit_safe.errors import CheckpointError, MergeKitSafeError, OutputError
-from mergekit_safe.methods import MergeMethod, TensorJob
-from mergekit_safe.recipe import Recipe, layer_index, module_type
-from mergekit_safe.writer import CheckpointWriter, TensorSpec
+from mergekit_safe.merge.methods import MergeMethod, TensorJob
+from mergekit_safe.merge.recipe import Recipe, layer_index, module_type
+from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 
 log = logging.getLogger("mergekit_safe")
 
@@ -371,7 +371,7 @@ def merge(
         RecipeError, CheckpointError, OutputError: with one-line messages naming the file and tensor.
 
     Example:
-        >>> from mergekit_safe.recipe import Recipe, ModelSpec
+        >>> from mergekit_safe.merge.recipe import Recipe, ModelSpec
         >>> r = Recipe("lerp", [ModelSpec("./finetuned")], base_model="./aligned", parameters={"alpha": 0.3})
         >>> merge(r, "./merged")  # doctest: +SKIP
     """
