@@ -25,7 +25,7 @@ import transformers
 
 from mergekit_safe.eval import GenerationConfig, HFBackend, get_judge, load_model, load_prompts
 from mergekit_safe.eval.generate import DTYPES, chat_text, encode_prompts, stop_token_ids
-from mergekit_safe.eval.toy import toy_llama, toy_tokenizer
+from mergekit_safe.tiny import toy_llama, toy_tokenizer
 
 
 def one_by_one(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergekit_safe.eval.toy import toy_llama, toy_tokenizer
+from mergekit_safe.tiny import toy_llama, toy_tokenizer
 
 CORPUS = [
     "I cannot help with that. I'm sorry, but I can't assist. Sure, here is how you do it.",
