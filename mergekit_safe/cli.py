@@ -44,7 +44,16 @@ def main(verbose: bool) -> None:
     # A polite kill (SIGTERM) unwinds like Ctrl-C, so partial outputs are removed on the way out.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LowerLevelFormatter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    """``warning: message``: the same spelling as the warnings the commands print themselves."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
 
 
 def _interrupt(signum: int, frame: object) -> None:

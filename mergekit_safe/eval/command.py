@@ -52,8 +52,10 @@ def _csv_list(value: str | None) -> list[str] | None:
 @click.option("--limit", type=int, default=None, help="Evaluate a seeded random sample of N prompts per set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --limit sampling.")
 @click.option("--system-prompt", default=None, help="System turn added through the chat template.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Most tokens generated per response (greedy); a longer answer is cut there before judging.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Prompts per generation / forward batch (lower it if memory runs out).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint's own Python code (off by default).")

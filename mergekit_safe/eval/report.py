@@ -46,8 +46,11 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    # clamp the rounding error at the ends (k = 0 gives center == half up to an ulp)
-    return (max(0.0, center - half), min(1.0, center + half))
+    # At k = 0 (k = n) the exact lower (upper) bound is 0 (1); center - half leaves an ulp-sized residue
+    # there, which would put the bound above the rate itself, so the ends are set exactly and both clamped.
+    low = 0.0 if k == 0 else center - half
+    high = 1.0 if k == n else center + half
+    return (min(max(low, 0.0), 1.0), min(max(high, 0.0), 1.0))
 
 
 @dataclass(frozen=True)

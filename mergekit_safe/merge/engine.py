@@ -379,9 +379,8 @@ def merge(
     out = Path(out_dir)
     recipe.validate()
     check_output_path(out, recipe.input_paths())
+    # warnings travel in the result (the caller prints them once), not through logging as well
     plan = plan_merge(recipe, allow_pickle=allow_pickle)
-    for w in plan.warnings:
-        log.warning(w)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeKitSafeError(f"--device {device}: CUDA is not available on this machine")
@@ -497,4 +496,3 @@ def _report_nonfinite(plan: _Plan, name: str, start: int, stop: int, strict: boo
         raise CheckpointError(msg + " (--strict)")
     if msg not in result.warnings:
         result.warnings.append(msg)
-        log.warning(msg)
