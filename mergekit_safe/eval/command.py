@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from mergekit_safe.errors import MergeKitSafeError
 from mergekit_safe.eval.evaluate import evaluate
 from mergekit_safe.eval.generate import DTYPES, GenerationConfig, load_model
 from mergekit_safe.eval.judges import JUDGES, get_judge, load_phrases
@@ -84,38 +83,36 @@ def eval_command(model: Path, harmful: str, benign: str, utility: Path | None, e
     mergekit-safe eval ./model --harmful builtin --benign builtin --utility data.jsonl -o report.json
     mergekit-safe eval ./model --harmful advbench.csv --column goal --judge keyword --tasks all
     """
-    try:
-        # validate every cheap input before the (slow) model load
-        task_list = parse_tasks(tasks)
-        opts = {"field": field, "column": column, "category_field": category_column}
-        harmful_p = None if harmful == "none" else sample_prompts(load_prompts(harmful, kind="harmful", **opts),
-                                                                   limit, seed)
-        benign_p = None if benign == "none" else sample_prompts(load_prompts(benign, kind="benign", **opts),
-                                                                 limit, seed)
-        rows = sample_prompts(load_utility_rows(utility), limit, seed) if utility else None  # type: ignore[arg-type]
-        judge_options: dict = {}
-        if refusal_phrases:
-            judge_options["phrases"] = load_phrases(refusal_phrases)
-        if judge == "classifier":
-            judge_options.update(model_path=judge_model, unsafe_labels=_csv_list(unsafe_labels),
-                                 judge_input=judge_input, batch_size=batch_size,
-                                 device=_resolve_device(device))
-        config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  system_prompt=system_prompt, progress=True)
-        # the judge (and its label mapping) is checked before the slow model load
-        built_judge = get_judge(judge, **judge_options)
-        m, tok = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        report = evaluate(
-            m, tok, harmful=harmful_p, benign=benign_p, utility=rows, judge=built_judge, judge_options=judge_options,
-            tasks=task_list, config=config, proxy=proxy,
-            refusal_openings=refusal_openings, compliance_openings=compliance_openings,
-            exact_match_utility=exact_match, lm_eval_tasks=_csv_list(lm_eval_tasks) or (), model_name=str(model),
-        )
-        report.settings.update(limit=limit, seed=seed, dtype=dtype, device=str(next(m.parameters()).device))
-        if output:
-            report.write_json(output)
-        if save_generations:
-            report.write_generations(save_generations)
-    except MergeKitSafeError as e:
-        raise click.ClickException(str(e)) from None
+    # package errors become one "Error:" line in the CLI group (mergekit_safe.cli), the one place that does it
+    # validate every cheap input before the (slow) model load
+    task_list = parse_tasks(tasks)
+    opts = {"field": field, "column": column, "category_field": category_column}
+    harmful_p = None if harmful == "none" else sample_prompts(load_prompts(harmful, kind="harmful", **opts),
+                                                               limit, seed)
+    benign_p = None if benign == "none" else sample_prompts(load_prompts(benign, kind="benign", **opts),
+                                                             limit, seed)
+    rows = sample_prompts(load_utility_rows(utility), limit, seed) if utility else None  # type: ignore[arg-type]
+    judge_options: dict = {}
+    if refusal_phrases:
+        judge_options["phrases"] = load_phrases(refusal_phrases)
+    if judge == "classifier":
+        judge_options.update(model_path=judge_model, unsafe_labels=_csv_list(unsafe_labels),
+                             judge_input=judge_input, batch_size=batch_size,
+                             device=_resolve_device(device))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              system_prompt=system_prompt, progress=True)
+    # the judge (and its label mapping) is checked before the slow model load
+    built_judge = get_judge(judge, **judge_options)
+    m, tok = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    report = evaluate(
+        m, tok, harmful=harmful_p, benign=benign_p, utility=rows, judge=built_judge, judge_options=judge_options,
+        tasks=task_list, config=config, proxy=proxy,
+        refusal_openings=refusal_openings, compliance_openings=compliance_openings,
+        exact_match_utility=exact_match, lm_eval_tasks=_csv_list(lm_eval_tasks) or (), model_name=str(model),
+    )
+    report.settings.update(limit=limit, seed=seed, dtype=dtype, device=str(next(m.parameters()).device))
+    if output:
+        report.write_json(output)
+    if save_generations:
+        report.write_generations(save_generations)
     click.echo(report.table(), nl=False)

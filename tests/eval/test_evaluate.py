@@ -23,7 +23,7 @@ from mergekit_safe.eval import (
     sample_prompts,
     utility_nll,
 )
-from mergekit_safe.eval.command import eval_command
+from mergekit_safe.cli import main
 from mergekit_safe.eval.generate import Generation, HFBackend
 
 
@@ -109,7 +109,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
             "translate,code", "--utility", str(util), "--exact-match", "-o", str(out), "--save-generations",
             str(gens), "--device", "cpu", "--system-prompt", "Be safe."]
     # the proxy's default openings must survive the CLI intact (they contain commas)
-    res = CliRunner().invoke(eval_command, args)
+    res = CliRunner().invoke(main, ["eval", *args])
     assert res.exit_code == 0, res.output
     d = json.loads(out.read_text())
     records = [json.loads(line) for line in gens.read_text().splitlines()]
@@ -134,7 +134,7 @@ def test_cli_custom_openings_and_phrases(tiny_model_dir, tmp_path):
     phrases = tmp_path / "phrases.txt"
     phrases.write_text("zzz-never-emitted\n")
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(eval_command, [
+    res = CliRunner().invoke(main, ["eval",
         str(tiny_model_dir), "--limit", "3", "--benign", "none", "--max-new-tokens", "2", "--judge", "prefix",
         "--refusal-phrases", str(phrases), "--refusal-opening", "No, sorry", "--compliance-opening", "Yes, so",
         "--compliance-opening", "OK", "-o", str(out)])
@@ -148,14 +148,14 @@ def test_cli_custom_openings_and_phrases(tiny_model_dir, tmp_path):
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{oops\n')
-    res = CliRunner().invoke(eval_command, [str(tiny_model_dir), "--harmful", str(bad)])
+    res = CliRunner().invoke(main, ["eval", str(tiny_model_dir), "--harmful", str(bad)])
     assert res.exit_code == 1
     assert res.output == f"Error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes); " \
                          "each line must be one JSON object\n"
-    res = CliRunner().invoke(eval_command, [str(tiny_model_dir), "--judge", "classifier", "--limit", "2"])
+    res = CliRunner().invoke(main, ["eval", str(tiny_model_dir), "--judge", "classifier", "--limit", "2"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.startswith("Error: the classifier judge needs --judge-model PATH")
-    res = CliRunner().invoke(eval_command, [str(tmp_path), "--limit", "2"])
+    res = CliRunner().invoke(main, ["eval", str(tmp_path), "--limit", "2"])
     assert res.exit_code == 1
     assert res.output == f"Error: {tmp_path}: no *.safetensors weights; only safetensors checkpoints are loaded\n"
 
