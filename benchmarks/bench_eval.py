@@ -24,7 +24,8 @@ import torch
 import transformers
 
 from mergekit_safe.eval import GenerationConfig, HFBackend, get_judge, load_model, load_prompts
-from mergekit_safe.eval.generate import DTYPES, chat_text, encode_prompts, stop_token_ids
+from mergekit_safe.eval.generate import chat_text, encode_prompts, stop_token_ids
+from mergekit_safe.io.dtypes import DTYPES
 from mergekit_safe.tiny import toy_llama, toy_tokenizer
 
 

@@ -19,6 +19,7 @@ from mergekit_safe.errors import MergeKitSafeError, RecipeError
 from mergekit_safe.eval.command import eval_command
 from mergekit_safe.merge.methods import METHODS
 from mergekit_safe.merge.recipe import ModelSpec, Recipe, load_recipe
+from mergekit_safe.io.dtypes import OUTPUT_DTYPE_NAMES
 from mergekit_safe.io.writer import parse_size
 
 
@@ -75,7 +76,7 @@ def _output_options(f: Any) -> Any:
         click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
                      help="Output folder (created atomically)."),
         click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+        click.option("--dtype", type=click.Choice(OUTPUT_DTYPE_NAMES), default=None,
                      help="Output dtype [default: the inputs']."),
         click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu or cuda."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from mergekit_safe.eval.evaluate import evaluate
-from mergekit_safe.eval.generate import DTYPES, GenerationConfig, load_model
+from mergekit_safe.eval.generate import GenerationConfig, load_model
+from mergekit_safe.io.dtypes import DTYPES
 from mergekit_safe.eval.judges import JUDGES, get_judge, load_phrases
 from mergekit_safe.eval.prompts import FRAMINGS, load_prompts, parse_tasks, sample_prompts
 from mergekit_safe.eval.proxy import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import torch
 
 from mergekit_safe.errors import EvalError
+from mergekit_safe.io.dtypes import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mergekit_safe.io.reader import DTYPE_TO_SAFETENSORS, SAFE_INDEX, SAFE_SINGLE
+from mergekit_safe.io.dtypes import DTYPE_TO_SAFETENSORS
+from mergekit_safe.io.reader import SAFE_INDEX, SAFE_SINGLE
 from mergekit_safe.errors import OutputError
 
 # Files copied from the chosen input folder: config, generation config, tokenizer and chat template.

@@ -30,7 +30,7 @@ from mergekit_safe.io.adapters import open_input
 from mergekit_safe.io.reader import Checkpoint
 from mergekit_safe.errors import CheckpointError, MergeKitSafeError, OutputError
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
-from mergekit_safe.merge.recipe import Recipe, layer_index, module_type
+from mergekit_safe.merge.recipe import Recipe, module_type, num_layers
 from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 
 log = logging.getLogger("mergekit_safe")
@@ -231,13 +231,6 @@ class _Plan:
     warnings: list[str]
 
 
-def _num_layers(ckpt: Checkpoint) -> int:
-    cfg = ckpt.config or {}
-    n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
-    if n:
-        return int(n)
-    found = [i for k in ckpt.keys() if (i := layer_index(k)) is not None]
-    return max(found) + 1 if found else 1
 
 
 def _reference_index(recipe: Recipe, method: MergeMethod, paths: list[str]) -> int:
@@ -294,7 +287,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> _Plan:
                             f"(vocabulary from {ref.path}; {'padded with its rows' if info.shape[0] < rinfo.shape[0] else 'cut'})")
         dtype = out_dtype if (out_dtype is not None and rinfo.dtype.is_floating_point) else rinfo.dtype
         specs.append(TensorSpec(name, rinfo.shape, dtype))
-    return _Plan(method, inputs, ref, specs, _num_layers(ref), warnings)
+    return _Plan(method, inputs, ref, specs, num_layers(ref.config or {}, fallback_names=ref.keys()), warnings)
 
 
 def _fetch(ckpt: Checkpoint, ref: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,10 @@ import torch
 import yaml
 
 from mergekit_safe.errors import RecipeError
+from mergekit_safe.io.dtypes import OUTPUT_DTYPES as DTYPES
 from mergekit_safe.merge.methods import MergeMethod, Param, Resolved, get_method
 
 MODULE_TYPES = ("attention", "mlp", "embed", "norm", "head", "other")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _RECIPE_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype"}
 
@@ -39,6 +36,30 @@ def layer_index(name: str) -> int | None:
     """The transformer block index in a tensor name (``model.layers.7.mlp.up_proj.weight`` -> 7), or None."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
+
+
+def num_layers(config_or_names: Any, *, fallback_names: Iterable[str] = ()) -> int:
+    """How many transformer blocks a model has: the one place layers are counted.
+
+    Args:
+        config_or_names: a model config (a ``config.json`` dict or a ``transformers`` config object; a
+            multimodal one's ``text_config`` counts) or an iterable of tensor names.
+        fallback_names: tensor names counted when the config does not say. Default none.
+
+    Returns:
+        ``num_hidden_layers`` from the config; for names, one more than the largest :func:`layer_index`;
+        1 when nothing says (a model without blocks is one band).
+
+    Example:
+        >>> num_layers({"num_hidden_layers": 4}), num_layers(["model.layers.2.mlp.up_proj.weight"])
+        (4, 3)
+    """
+    if isinstance(config_or_names, dict) or hasattr(config_or_names, "to_dict"):
+        cfg = config_or_names if isinstance(config_or_names, dict) else config_or_names.to_dict()
+        n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
+        return int(n) if n else num_layers(fallback_names)
+    found = [i for name in config_or_names if (i := layer_index(name)) is not None]
+    return max(found) + 1 if found else 1
 
 
 def module_type(name: str) -> str:

@@ -38,6 +38,7 @@ from mergekit_safe.io.adapters import AdapterCheckpoint, open_input
 from mergekit_safe.io.reader import ADAPTER_CONFIG, is_adapter, open_checkpoint
 from mergekit_safe.errors import CheckpointError, EvalError, OutputError, SearchError
 from mergekit_safe.merge.recipe import ModelSpec, Recipe
+from mergekit_safe.merge.recipe import num_layers as count_layers
 from mergekit_safe.repair.search import (
     SEARCH_METHODS,
     Budget,
@@ -460,12 +461,6 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 # the pipeline
 
 
-def _num_layers(model: Any) -> int:
-    cfg = getattr(model, "config", None)
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(getattr(cfg, "text_config", None), "num_hidden_layers", None)
-    return int(n or 1)
-
-
 def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
     """Run the post-hoc repair end to end and publish the output folder.
 
@@ -497,7 +492,7 @@ def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
     phases: dict[str, float] = {}
     t_phase = time.perf_counter()
     model, tok = load_model(cfg.base, dtype="float32", device="auto")
-    num_layers = _num_layers(model)
+    num_layers = count_layers(model.config, fallback_names=(n for n, _ in model.named_parameters()))
     check_groups(groups, num_layers)
     base_ck = open_input(cfg.base)
     ft_ck = open_input(cfg.finetuned, base=cfg.base)
