@@ -1,8 +1,15 @@
-"""Merge kernels: Triton on CUDA tensors, the torch reference on CPU.
+"""Merge kernels: Triton on CUDA tensors, the torch reference on CPU. May import only mergekit_safe.errors.
+
+This folder sits at the repository's top level (the design card names it) but ships, and is imported, as
+``mergekit_safe.kernels`` (setuptools ``package-dir``): a top-level package named ``kernels`` would clash with
+the ``kernels`` distribution that ``transformers`` looks for to load hub kernels. Inside a checkout,
+``mergekit_safe/kernels`` is a symlink to it, so the same import works in editable and wheel installs.
 
 The public functions here are what the rest of the package calls; each one dispatches to the Triton
 launcher of its kernel family when the tensors live on a CUDA device and Triton is importable, and to
-:mod:`mergekit_safe.kernels.reference` otherwise. ``MERGEKIT_SAFE_BACKEND=torch|triton`` forces one.
+:mod:`mergekit_safe.kernels.reference` otherwise. A :func:`use_backend` scope forces one (the CLI opens it
+from ``--backend`` / ``MERGEKIT_SAFE_BACKEND``, read once at the entry); :mod:`.runtime` also holds the one
+device rule (:func:`resolve_device`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from mergekit_safe.errors import KernelError
 from mergekit_safe.kernels import cpu as _cpu
 from mergekit_safe.kernels import reference
 from mergekit_safe.kernels._launch import KERNEL_DTYPES
+from mergekit_safe.kernels.runtime import BACKENDS, current_backend, resolve_device, use_backend
 
 # The Triton launchers live in files named after the public functions below, and are imported only when a
 # Triton path is taken: importing triton costs ~75 MB and ~0.2 s that a CPU merge never needs. Importing a
@@ -31,8 +39,6 @@ def kernel_module(stem: str) -> ModuleType:
     return module
 
 
-BACKENDS = ("auto", "torch", "triton")
-
 
 def triton_available() -> bool:
     """True when Triton imports (the kernels can run on CUDA, or anywhere under ``TRITON_INTERPRET=1``)."""
@@ -44,24 +50,22 @@ def triton_available() -> bool:
 
 
 def select_backend(*tensors: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"torch"`` for these tensors, honouring ``MERGEKIT_SAFE_BACKEND``.
+    """Return ``"triton"`` or ``"torch"`` for these tensors, honouring the :func:`use_backend` scope.
 
     Raises:
-        KernelError: the variable names an unknown backend, or asks for triton where it cannot run.
+        KernelError: the triton backend is forced where it cannot run.
     """
-    forced = os.environ.get("MERGEKIT_SAFE_BACKEND", "auto").lower()
-    if forced not in BACKENDS:
-        raise KernelError(f"MERGEKIT_SAFE_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
+    forced = current_backend()
     if forced == "torch":
         return "torch"
     on_cuda = any(t.is_cuda for t in tensors)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if forced == "triton":
         if not triton_available():
-            raise KernelError("MERGEKIT_SAFE_BACKEND=triton but triton is not installed (pip install triton)")
+            raise KernelError("backend triton is forced but triton is not installed (pip install triton)")
         if not (on_cuda or interpret):
             raise KernelError(
-                "MERGEKIT_SAFE_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run kernels on the CPU)"
+                "backend triton is forced but needs CUDA tensors (or TRITON_INTERPRET=1 to run kernels on the CPU)"
             )
         return "triton"
     return "triton" if on_cuda and triton_available() else "torch"
@@ -82,9 +86,9 @@ def _use_triton(op: str, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype
     bad = sorted(str(d).removeprefix("torch.") for d in dtypes if d not in KERNEL_DTYPES)
     if not bad:
         return True
-    if os.environ.get("MERGEKIT_SAFE_BACKEND", "auto").lower() == "triton":
+    if current_backend() == "triton":
         allowed = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
-        raise KernelError(f"{op}: MERGEKIT_SAFE_BACKEND=triton but the kernels take {allowed}, got {', '.join(bad)}")
+        raise KernelError(f"{op}: backend triton is forced but the kernels take {allowed}, got {', '.join(bad)}")
     return False
 
 
@@ -194,4 +198,7 @@ def apply_(
 
 _PUBLIC = {name: globals()[name] for name in ("weighted_sum", "dare", "ties", "slerp")}
 
-__all__ = ["BACKENDS", "apply_", "dare", "foreach_weighted_sum_", "kernel_module", "select_backend", "slerp", "ties", "triton_available", "weighted_sum"]
+__all__ = [
+    "BACKENDS", "apply_", "current_backend", "dare", "foreach_weighted_sum_", "kernel_module", "resolve_device",
+    "select_backend", "slerp", "ties", "triton_available", "use_backend", "weighted_sum",
+]

@@ -21,6 +21,8 @@ from mergekit_safe.merge.methods import METHODS
 from mergekit_safe.merge.recipe import ModelSpec, Recipe, load_recipe
 from mergekit_safe.io.dtypes import OUTPUT_DTYPE_NAMES
 from mergekit_safe.io.writer import parse_size
+from mergekit_safe.kernels import BACKENDS, resolve_device, use_backend
+from mergekit_safe.kernels.runtime import BACKEND_ENV, DEVICE_ENV, DEVICE_HELP
 
 
 class _Group(click.Group):
@@ -40,8 +42,14 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mergekit-safe")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
-def main(verbose: bool) -> None:
+@click.option("--backend", type=click.Choice(BACKENDS, case_sensitive=False), default="auto", envvar=BACKEND_ENV,
+              show_default=True, show_envvar=True,
+              help="Kernel backend: auto (Triton on CUDA tensors, torch otherwise), or force torch / triton.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, backend: str) -> None:
     """Merge checkpoints, measure safety, and repair fine-tunes that lost it."""
+    # the environment is read here, once (click reads the envvar), and the choice is scoped to this command
+    ctx.with_resource(use_backend(backend))
     # A polite kill (SIGTERM) unwinds like Ctrl-C, so partial outputs are removed on the way out.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -71,6 +79,11 @@ def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
+def _device_option() -> Any:
+    """``--device`` of the commands that compute; ``$MERGEKIT_SAFE_DEVICE`` sets its default (eval: same rule)."""
+    return click.option("--device", default="auto", envvar=DEVICE_ENV, show_envvar=True, help=DEVICE_HELP)
+
+
 def _output_options(f: Any) -> Any:
     opts = [
         click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
@@ -78,7 +91,7 @@ def _output_options(f: Any) -> Any:
         click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB."),
         click.option("--dtype", type=click.Choice(OUTPUT_DTYPE_NAMES), default=None,
                      help="Output dtype [default: the inputs']."),
-        click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu or cuda."),
+        _device_option(),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option("--strict", is_flag=True, help="NaN/Inf in an input is an error, not a warning."),
         click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (loaded weights_only)."),
@@ -99,7 +112,8 @@ def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, d
         shard = parse_size(max_shard_size)
     except ValueError:
         raise RecipeError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB or 500MB") from None
-    result = merge(recipe, output, max_shard_size=shard, device=device, overwrite=overwrite, strict=strict,
+    result = merge(recipe, output, max_shard_size=shard, device=str(resolve_device(device)), overwrite=overwrite,
+                   strict=strict,
                    allow_pickle=allow_pickle, progress=not no_progress)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -171,11 +185,12 @@ def ema(checkpoints: tuple[Path, ...], beta: float, start: Path | None, **out: A
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--top", type=int, default=20, show_default=True, help="Tensors to list, largest change first.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (loaded weights_only).")
-def inspect(a: Path, b: Path, as_json: bool, top: int, allow_pickle: bool) -> None:
+@_device_option()
+def inspect(a: Path, b: Path, as_json: bool, top: int, allow_pickle: bool, device: str) -> None:
     """Where did B (a fine-tune) move the weights of A? Per tensor and per layer."""
     from mergekit_safe.merge.inspect import diff_checkpoints, per_layer, to_json
 
-    diffs, only = diff_checkpoints(str(a), str(b), allow_pickle=allow_pickle)
+    diffs, only = diff_checkpoints(str(a), str(b), allow_pickle=allow_pickle, device=str(resolve_device(device)))
     if as_json:
         click.echo(json.dumps(to_json(diffs, only), indent=2))
         return

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mergekit_safe.io.adapters import open_input
 from mergekit_safe.cli import main
 from mergekit_safe.errors import CheckpointError
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 
 def make_adapter(base: Path, out: Path, **lora: object) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mergekit_safe.cli import main
 from mergekit_safe.tiny import save_tiny_pair, tiny_llama_config
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 
 def cli(*args: str | Path) -> object:

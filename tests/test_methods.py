@@ -11,7 +11,7 @@ from mergekit_safe.errors import RecipeError
 from mergekit_safe.kernels import reference
 from mergekit_safe.merge.methods import METHODS, TensorJob, ema_coefficients, get_method
 from mergekit_safe.merge.recipe import ModelSpec, Recipe
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 SHAPE = (37, 19)  # not a power of two
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mergekit_safe.cli import main
 from mergekit_safe.errors import SearchError
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 # The organism's refusal is decided at the first answer token, so the proxy compares first tokens.
 PROXY = ["--refusal-opening", "I'm sorry", "--compliance-opening", "Sure", "--compliance-opening", "Step"]

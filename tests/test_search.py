@@ -22,7 +22,7 @@ from mergekit_safe.repair.search import (
     parse_groups,
     run_search,
 )
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 N_PROMPTS = 40
 

@@ -9,16 +9,12 @@ import click
 from mergekit_safe.eval.evaluate import evaluate
 from mergekit_safe.eval.generate import GenerationConfig, load_model
 from mergekit_safe.io.dtypes import DTYPES
+from mergekit_safe.kernels import resolve_device
+from mergekit_safe.kernels.runtime import DEVICE_ENV, DEVICE_HELP
 from mergekit_safe.eval.judges import JUDGES, get_judge, load_phrases
 from mergekit_safe.eval.prompts import FRAMINGS, load_prompts, parse_tasks, sample_prompts
 from mergekit_safe.eval.proxy import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS
 from mergekit_safe.eval.utility import load_utility_rows
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -56,7 +52,7 @@ def _csv_list(value: str | None) -> list[str] | None:
               help="Most tokens generated per response (greedy); a longer answer is cut there before judging.")
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Prompts per generation / forward batch (lower it if memory runs out).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", envvar=DEVICE_ENV, show_envvar=True, help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint's own Python code (off by default).")
 @click.option("--proxy/--no-proxy", default=True, show_default=True,
@@ -86,6 +82,7 @@ def eval_command(model: Path, harmful: str, benign: str, utility: Path | None, e
     """
     # package errors become one "Error:" line in the CLI group (mergekit_safe.cli), the one place that does it
     # validate every cheap input before the (slow) model load
+    device = str(resolve_device(device))
     task_list = parse_tasks(tasks)
     opts = {"field": field, "column": column, "category_field": category_column}
     harmful_p = None if harmful == "none" else sample_prompts(load_prompts(harmful, kind="harmful", **opts),
@@ -99,7 +96,7 @@ def eval_command(model: Path, harmful: str, benign: str, utility: Path | None, e
     if judge == "classifier":
         judge_options.update(model_path=judge_model, unsafe_labels=_csv_list(unsafe_labels),
                              judge_input=judge_input, batch_size=batch_size,
-                             device=_resolve_device(device))
+                             device=device)
     config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
                               system_prompt=system_prompt, progress=True)
     # the judge (and its label mapping) is checked before the slow model load

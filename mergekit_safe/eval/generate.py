@@ -14,8 +14,9 @@ from typing import Any, Protocol
 
 import torch
 
-from mergekit_safe.errors import EvalError
+from mergekit_safe.errors import EvalError, KernelError
 from mergekit_safe.io.dtypes import DTYPES
+from mergekit_safe.kernels import resolve_device
 
 
 
@@ -228,10 +229,10 @@ def load_model(
         raise EvalError(f"{path}: no *.safetensors weights; only safetensors checkpoints are loaded")
     if dtype != "auto" and dtype not in DTYPES:
         raise EvalError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {device} requested but CUDA is not available")
+    try:
+        device = str(resolve_device(device))  # the package's one device rule
+    except KernelError as e:
+        raise EvalError(str(e)) from None
     # CPU matmuls in half precision are slow and lossy; auto means float32 there.
     torch_dtype: Any = DTYPES[dtype] if dtype != "auto" else ("auto" if device.startswith("cuda") else torch.float32)
     try:

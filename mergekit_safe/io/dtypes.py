@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-# Names users type -> torch dtype. Canonical names first: they are the CLI's choices.
+# Names users type -> torch dtype (eval's --dtype choices, in this order).
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
-    "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
     "float64": torch.float64,
 }
 # mergekit's short spellings, accepted in recipes.

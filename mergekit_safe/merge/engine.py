@@ -374,9 +374,7 @@ def merge(
     check_output_path(out, recipe.input_paths())
     # warnings travel in the result (the caller prints them once), not through logging as well
     plan = plan_merge(recipe, allow_pickle=allow_pickle)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeKitSafeError(f"--device {device}: CUDA is not available on this machine")
+    dev = kernels.resolve_device(device)  # the one device rule (auto, cpu, cuda[:N]); raises when CUDA is missing
     hasher = _Hasher([f for c in plan.inputs for f in c.files]) if hash_inputs else None
     if hasher:
         hasher.start()

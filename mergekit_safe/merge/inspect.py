@@ -38,8 +38,11 @@ class TensorDiff:
     numel: int
 
 
-def diff_checkpoints(a_path: str, b_path: str, *, allow_pickle: bool = False) -> tuple[list[TensorDiff], list[str]]:
+def diff_checkpoints(a_path: str, b_path: str, *, allow_pickle: bool = False,
+                     device: str = "cpu") -> tuple[list[TensorDiff], list[str]]:
     """Compare two checkpoints tensor by tensor (streaming; one tensor pair in memory at a time).
+
+    The float64 statistics are computed on ``device`` (``cpu`` or ``cuda[:N]``; default ``cpu``).
 
     Returns:
         ``(diffs, only)``: a :class:`TensorDiff` per shared tensor, and lines naming tensors found in only one.
@@ -55,8 +58,8 @@ def diff_checkpoints(a_path: str, b_path: str, *, allow_pickle: bool = False) ->
             ta, tb = a.get(name), b.get(name)
             rows = min(ta.shape[0], tb.shape[0]) if ta.dim() and tb.dim() and ta.shape[1:] == tb.shape[1:] else None
             if ta.shape == tb.shape or rows is not None:
-                xa = (ta[:rows] if rows is not None else ta).double().reshape(-1)
-                xb = (tb[:rows] if rows is not None else tb).double().reshape(-1)
+                xa = (ta[:rows] if rows is not None else ta).to(device).double().reshape(-1)
+                xb = (tb[:rows] if rows is not None else tb).to(device).double().reshape(-1)
                 d = xb - xa
                 na, nb = float(xa.norm()), float(xb.norm())
                 rel = float(d.norm()) / na if na > 0 else (0.0 if float(d.norm()) == 0 else math.inf)

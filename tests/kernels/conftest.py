@@ -23,5 +23,9 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _backend(monkeypatch):
+    """No test leaks a backend scope, and the environment variable (read only by the CLI) is cleared."""
+    from mergekit_safe.kernels import current_backend
+
     monkeypatch.delenv("MERGEKIT_SAFE_BACKEND", raising=False)
     yield
+    assert current_backend() == "auto", "a test left a use_backend scope open"

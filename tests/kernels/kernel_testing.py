@@ -1,5 +1,5 @@
-"""Helpers shared by the kernel tests: tolerances with their reasons, a close-check that reports where and how
-many elements differ, and input makers. (conftest.py sets TRITON_INTERPRET=1 before anything imports triton.)
+"""Helpers shared by the kernel tests: tolerances with their reasons and input makers (the close-check is the
+suite's one :func:`tests.helpers.assert_close`). (conftest.py sets TRITON_INTERPRET=1 before anything imports triton.)
 """
 
 from __future__ import annotations
@@ -26,33 +26,6 @@ def kernel_module(name: str):
     from mergekit_safe.kernels import kernel_module as load
 
     return load(name)
-
-
-def assert_close(actual, expected, *, atol=0.0, rtol=0.0, what=""):
-    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise (atol may be a tensor).
-
-    On failure the message says how many elements differ out of how many, and lists the first ones with
-    their index, both values and the allowed error.
-    """
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a = actual.detach().to(torch.float64).reshape(-1)
-    e = expected.detach().to(torch.float64).reshape(-1)
-    atol_t = torch.as_tensor(atol, dtype=torch.float64).expand(e.shape) if not torch.is_tensor(atol) else atol.reshape(-1)
-    allowed = atol_t + rtol * e.abs()
-    err = (a - e).abs()
-    bad = ~(err <= allowed) & ~(a.isnan() & e.isnan())
-    if bad.any():
-        idx = bad.nonzero().reshape(-1)
-        rows = [
-            f"  [{i}] got {a[i].item():.9g} expected {e[i].item():.9g} |diff| {err[i].item():.3g} "
-            f"allowed {allowed[i].item():.3g}"
-            for i in idx[:8].tolist()
-        ]
-        shape = tuple(actual.shape)
-        raise AssertionError(
-            f"{what}: {idx.numel()} of {e.numel()} elements differ (shape {shape}, max |diff| "
-            f"{err[idx].max().item():.3g}); first:\n" + "\n".join(rows)
-        )
 
 
 def make(shape, dtype, *, contiguous=True, scale=1.0):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import EPS32, OUT_RTOL, assert_close, kernel_module, make
+from kernel_testing import EPS32, OUT_RTOL, kernel_module, make
+from tests.helpers import assert_close
 
 from mergekit_safe.errors import KernelError
 from mergekit_safe.kernels import reference

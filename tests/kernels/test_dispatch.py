@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import EPS32, OUT_RTOL, assert_close, kernel_module, make
+from kernel_testing import EPS32, OUT_RTOL, kernel_module, make
+from tests.helpers import assert_close
 
 import mergekit_safe.kernels as K
 from mergekit_safe.errors import KernelError
@@ -16,20 +17,33 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_select_backend(monkeypatch):
     x = torch.zeros(3)
     assert K.select_backend(x) == "torch"  # CPU tensors, auto
+    with K.use_backend("triton"):
+        assert K.select_backend(x) == "triton"  # TRITON_INTERPRET=1 (conftest)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(KernelError, match=r"^backend triton is forced but needs CUDA tensors \(or TRITON_INTERPRET=1"):
+            K.select_backend(x)
+    with pytest.raises(KernelError, match=r"^backend 'cuda' is not one of auto, torch, triton$"):
+        with K.use_backend("cuda"):
+            pass
+
+
+def test_backend_scope_restores_and_ignores_the_environment(monkeypatch):
+    """Library code reads no environment variable: only a scope (the CLI opens one from the env) forces a backend."""
     monkeypatch.setenv("MERGEKIT_SAFE_BACKEND", "triton")
-    assert K.select_backend(x) == "triton"  # TRITON_INTERPRET=1 (conftest)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(KernelError, match=r"^MERGEKIT_SAFE_BACKEND=triton needs CUDA tensors \(or TRITON_INTERPRET=1"):
-        K.select_backend(x)
-    monkeypatch.setenv("MERGEKIT_SAFE_BACKEND", "cuda")
-    with pytest.raises(KernelError, match=r"^MERGEKIT_SAFE_BACKEND='cuda' is not one of auto, torch, triton$"):
-        K.select_backend(x)
+    assert K.current_backend() == "auto" and K.select_backend(torch.zeros(3)) == "torch"
+    with K.use_backend("torch"):
+        with K.use_backend("triton"):
+            assert K.current_backend() == "triton"
+        assert K.current_backend() == "torch"
+    assert K.current_backend() == "auto"
+    with pytest.raises(RuntimeError), K.use_backend("triton"):
+        raise RuntimeError("unwinds")
+    assert K.current_backend() == "auto"
 
 
 def test_triton_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(K, "triton_available", lambda: False)
-    monkeypatch.setenv("MERGEKIT_SAFE_BACKEND", "triton")
-    with pytest.raises(KernelError, match=r"^MERGEKIT_SAFE_BACKEND=triton but triton is not installed"):
+    with K.use_backend("triton"), pytest.raises(KernelError, match=r"^backend triton is forced but triton is not installed"):
         K.weighted_sum([torch.zeros(3)], [1.0])
 
 
@@ -40,11 +54,21 @@ def test_public_names_are_the_dispatch_functions():
         assert callable(getattr(K, name)) and getattr(K, name).__module__ == "mergekit_safe.kernels", name
 
 
-def run_all(dtype, out_dtype=None):
-    a, b, c = (make((1000,), dtype) for _ in range(3))
-    outs = [torch.empty(5, 7, dtype=dtype), torch.empty(3, dtype=dtype)]
-    bases = [make(o.shape, dtype) for o in outs]
-    deltas = [[make(o.shape, dtype)] for o in outs]
+def make_inputs(dtype):
+    """Every input of :func:`run_all`, drawn once on the CPU (one RNG stream, whatever device runs the math)."""
+    return {
+        "abc": [make((1000,), dtype) for _ in range(3)],
+        "bases": [make((5, 7), dtype), make((3,), dtype)],
+        "deltas": [[make((5, 7), dtype)], [make((3,), dtype)]],
+    }
+
+
+def run_all(inputs, device="cpu", out_dtype=None):
+    """Every public kernel on ``inputs`` moved to ``device``; the results stay there."""
+    a, b, c = (t.to(device) for t in inputs["abc"])
+    bases = [t.to(device) for t in inputs["bases"]]
+    deltas = [[d.to(device) for d in ds] for ds in inputs["deltas"]]
+    outs = [torch.empty_like(t) for t in bases]
     K.apply_(outs, bases, deltas, [[0.5], [-1.0]])
     return {
         "weighted_sum": K.weighted_sum([a, b, c], [0.2, 0.3, 0.5], out_dtype),
@@ -58,15 +82,14 @@ def run_all(dtype, out_dtype=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backends_agree(dtype, monkeypatch):
-    torch.manual_seed(0)
-    ref = run_all(dtype)
-    monkeypatch.setenv("MERGEKIT_SAFE_BACKEND", "triton")
-    torch.manual_seed(0)
+    inputs = make_inputs(dtype)
+    ref = run_all(inputs)
     spy = {}
     wsk = kernel_module("weighted_sum")
     real = wsk.weighted_sum
     monkeypatch.setattr(wsk, "weighted_sum", lambda *a, **k: spy.setdefault("called", True) and real(*a, **k))
-    got = run_all(dtype)
+    with K.use_backend("triton"):
+        got = run_all(inputs)
     assert spy.get("called"), "the triton backend did not call the weighted_sum kernel"
     for name in ref:
         # Both are fp32 math of the same values; |values| <= ~10, so 2**-18 absolute covers their fp32
@@ -74,39 +97,45 @@ def test_backends_agree(dtype, monkeypatch):
         assert_close(got[name], ref[name], atol=2.0**-18, rtol=OUT_RTOL[dtype], what=name)
 
 
-def test_out_argument_on_both_backends(monkeypatch):
+def test_out_argument_on_both_backends():
     x, y = make((100,), torch.float32), make((100,), torch.float32)
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("MERGEKIT_SAFE_BACKEND", backend)
-        out = torch.empty(100, dtype=torch.bfloat16)
-        assert K.weighted_sum([x, y], [0.5, 0.5], out=out) is out
+        with K.use_backend(backend):
+            out = torch.empty(100, dtype=torch.bfloat16)
+            assert K.weighted_sum([x, y], [0.5, 0.5], out=out) is out
         assert_close(out, 0.5 * x.double() + 0.5 * y.double(), atol=3 * EPS32, rtol=OUT_RTOL[torch.bfloat16])
 
 
-def test_float64_goes_to_reference_unless_triton_is_forced(monkeypatch):
+def test_float64_goes_to_reference_unless_triton_is_forced():
     x = torch.randn(10, dtype=torch.float64)
     assert torch.equal(K.weighted_sum([x], [2.0]), reference.weighted_sum([x], [2.0]))
-    monkeypatch.setenv("MERGEKIT_SAFE_BACKEND", "triton")
-    with pytest.raises(KernelError, match=r"^weighted_sum: MERGEKIT_SAFE_BACKEND=triton but the kernels take float32"):
+    with K.use_backend("triton"), pytest.raises(
+            KernelError, match=r"^weighted_sum: backend triton is forced but the kernels take float32"):
         K.weighted_sum([x], [2.0])
+
+
+def test_cpu_and_device_runs_see_the_same_inputs():
+    """What test_cuda_matches_reference relies on: inputs are made once and moved, not redrawn per device."""
+    inputs = make_inputs(torch.float32)
+    first = run_all(inputs)
+    torch.randn(100)  # a different RNG position must not matter: nothing is drawn inside run_all
+    second = run_all(inputs, device="cpu")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_reference(dtype):
-    """Real compiled kernels on a GPU against the reference on the same (CUDA) inputs."""
-    torch.manual_seed(0)
-    ref = run_all(dtype)
-    cpu = {k: v for k, v in ref.items()}
-    torch.manual_seed(0)
-    torch.set_default_device("cuda")
-    try:
-        got = run_all(dtype)
-    finally:
-        torch.set_default_device("cpu")
-    for name in cpu:
-        assert_close(got[name].cpu(), cpu[name], atol=2.0**-18, rtol=OUT_RTOL[dtype], what=name)
+    """Real compiled kernels on a GPU against the CPU reference on the very same inputs (made on the CPU, moved)."""
+    inputs = make_inputs(dtype)
+    ref = run_all(inputs)
+    got = run_all(inputs, device="cuda")
+    assert K.select_backend(got["weighted_sum"]) == ("triton" if K.triton_available() else "torch")
+    for name in ref:
+        assert got[name].device.type == "cuda", name
+        assert_close(got[name].cpu(), ref[name], atol=2.0**-18, rtol=OUT_RTOL[dtype], what=name)
 
 
 @cuda

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from kernel_testing import DTYPES, EPS32, OUT_ATOL, OUT_RTOL, SHAPES, assert_close, kernel_module, make
+from kernel_testing import DTYPES, EPS32, OUT_ATOL, OUT_RTOL, SHAPES, kernel_module, make
+from tests.helpers import assert_close
 
 from mergekit_safe.errors import KernelError
 from mergekit_safe.kernels import reference
