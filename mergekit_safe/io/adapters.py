@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mergekit_safe.io.reader import ADAPTER_CONFIG, Checkpoint, TensorInfo, is_adapter, open_checkpoint
+from mergekit_safe.io.source import TensorSource
 from mergekit_safe.errors import CheckpointError
 
 _PREFIX = "base_model.model."
@@ -154,11 +155,17 @@ class AdapterCheckpoint:
         self.adapter.close()
         self.base.close()
 
+    def __enter__(self) -> AdapterCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def open_input(
     path: str | Path, *, base: str | Path | None = None, allow_pickle: bool = False
-) -> Checkpoint | AdapterCheckpoint:
-    """Open a merge input: a checkpoint, or a LoRA adapter applied to ``base``.
+) -> TensorSource:
+    """Open a merge input: a checkpoint, or a LoRA adapter applied to ``base`` (both a :class:`TensorSource`).
 
     An adapter folder names its base in ``adapter_config.json``; the recipe's base model is used instead when
     given, since that is the copy the user has on disk.

@@ -27,7 +27,7 @@ import torch
 
 from mergekit_safe import __version__, kernels
 from mergekit_safe.io.adapters import open_input
-from mergekit_safe.io.reader import Checkpoint
+from mergekit_safe.io.source import TensorSource
 from mergekit_safe.errors import CheckpointError, MergeKitSafeError, OutputError
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
 from mergekit_safe.merge.recipe import Recipe, module_type, num_layers
@@ -224,8 +224,8 @@ class _CudaPipe:
 @dataclass
 class _Plan:
     method: MergeMethod
-    inputs: list[Checkpoint]  # base first when there is one
-    reference: Checkpoint
+    inputs: list[TensorSource]  # base first when there is one
+    reference: TensorSource
     specs: list[TensorSpec]
     num_layers: int
     warnings: list[str]
@@ -290,7 +290,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> _Plan:
     return _Plan(method, inputs, ref, specs, num_layers(ref.config or {}, fallback_names=ref.keys()), warnings)
 
 
-def _fetch(ckpt: Checkpoint, ref: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+def _fetch(ckpt: TensorSource, ref: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
     """Flat elements ``[start, stop)`` of ``ckpt``'s tensor laid out in the reference's shape (vocab padding)."""
     info, rinfo = ckpt.info(name), ref.info(name)
     if info.shape == rinfo.shape:

@@ -53,6 +53,7 @@ import torch
 
 from mergekit_safe import kernels
 from mergekit_safe.errors import SearchError
+from mergekit_safe.io.source import TensorSource
 from mergekit_safe.kernels import reference
 from mergekit_safe.merge.recipe import module_type
 
@@ -226,9 +227,9 @@ def process_tau(name: str, tau: torch.Tensor, method: str, density: float, seed:
 
 def build_space(
     model: Any,
-    base: Any,
-    plus: Any,
-    minus: Any | None,
+    base: TensorSource,
+    plus: TensorSource,
+    minus: TensorSource | None,
     *,
     method: str = "lerp",
     groups: GroupSpec = GroupSpec(),
