@@ -6,7 +6,8 @@ cheap)::
     merge(recipe, out_dir, ...)             # stream a merge to disk           (mergekit_safe.merge.engine)
     Recipe, ModelSpec, load_recipe          # merge recipes                    (mergekit_safe.merge.recipe)
     METHODS, get_method                     # the merge-method registry        (mergekit_safe.merge.methods)
-    open_checkpoint, open_input             # lazy checkpoint / LoRA readers   (checkpoint, adapters)
+    open_checkpoint, open_input             # lazy checkpoint / LoRA readers   (mergekit_safe.io.reader, adapters)
+    TensorSource                            # what both readers implement      (mergekit_safe.io.source)
     evaluate, EvalReport                    # safety and utility evaluation    (mergekit_safe.eval)
     repair, RepairConfig                    # post-hoc repair                  (mergekit_safe.repair.command)
     ParameterEMA, EMACallback               # online EMA while fine-tuning     (mergekit_safe.training.ema)
@@ -40,6 +41,7 @@ _LAZY = {
     "get_method": "mergekit_safe.merge.methods",
     "open_checkpoint": "mergekit_safe.io.reader",
     "open_input": "mergekit_safe.io.adapters",
+    "TensorSource": "mergekit_safe.io.source",
     "evaluate": "mergekit_safe.eval",
     "EvalReport": "mergekit_safe.eval",
     "repair": "mergekit_safe.repair",

@@ -3,7 +3,7 @@ byte-level BPE tokenizer with a chat template, random model) for tests, benchmar
 Llama-shaped random checkpoints for the merge benchmark.
 
 Weights are random: no claims about behaviour. Seeds are applied inside ``torch.random.fork_rng``, so building
-a model never changes the caller's global RNG state.
+a model never changes the caller's global RNG state. May import ``io`` (and ``errors``) only.
 """
 
 from __future__ import annotations
