@@ -113,8 +113,7 @@ def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, d
     except ValueError:
         raise RecipeError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB or 500MB") from None
     result = merge(recipe, output, max_shard_size=shard, device=str(resolve_device(device)), overwrite=overwrite,
-                   strict=strict,
-                   allow_pickle=allow_pickle, progress=not no_progress)
+                   strict=strict, allow_pickle=allow_pickle, progress=not no_progress)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     gbs = result.bytes_written / max(result.seconds, 1e-9) / 1e9

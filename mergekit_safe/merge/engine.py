@@ -13,7 +13,6 @@ reference's rows, so new tokens keep the reference's values; an input with more 
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import queue
 import threading
@@ -28,12 +27,11 @@ import torch
 from mergekit_safe import __version__, kernels
 from mergekit_safe.io.adapters import open_input
 from mergekit_safe.io.source import TensorSource
-from mergekit_safe.errors import CheckpointError, MergeKitSafeError, OutputError
+from mergekit_safe.errors import CheckpointError, OutputError
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
 from mergekit_safe.merge.recipe import Recipe, module_type, num_layers
 from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 
-log = logging.getLogger("mergekit_safe")
 
 DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M elements: 4 MB of bf16 per buffer (measured: no slower than 8M, 75 MB less RSS)
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -229,8 +227,6 @@ class _Plan:
     specs: list[TensorSpec]
     num_layers: int
     warnings: list[str]
-
-
 
 
 def _reference_index(recipe: Recipe, method: MergeMethod, paths: list[str]) -> int:
