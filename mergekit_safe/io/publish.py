@@ -75,7 +75,8 @@ def staged_output(out: Path, *, overwrite: bool = False, inputs: Sequence[Path] 
         clean_stale_partials(target)
         staging, lock_fd = _make_staging(target)
         yield staging
-        _check_replaceable(shown, target, overwrite)  # again: the folder may have changed during the run
+        if overwrite:  # again: the old output may have changed during the run (a new one: see _publish)
+            _check_replaceable(shown, target, overwrite)
         try:
             _write_manifest(staging)
             _publish(staging, target, shown, overwrite)
