@@ -68,12 +68,14 @@ def staged_output(out: Path, *, overwrite: bool = False, inputs: Sequence[Path] 
     target = _target(shown)
     check_output_path(shown, [str(p) for p in inputs])
     _check_replaceable(shown, target, overwrite)
-    created = _make_parents(target.parent, shown)
-    staging: Path | None = None
+    # Every name is recorded before the step that makes it, so an interrupt at any point is cleaned up.
+    created: list[Path] = []
+    staging = target.parent / f".{target.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     lock_fd = -1
     try:
+        _make_parents(target.parent, shown, created)
         clean_stale_partials(target)
-        staging, lock_fd = _make_staging(target)
+        lock_fd = _make_staging(staging)
         yield staging
         if overwrite:  # again: the old output may have changed during the run (a new one: see _publish)
             _check_replaceable(shown, target, overwrite)
@@ -85,8 +87,7 @@ def staged_output(out: Path, *, overwrite: bool = False, inputs: Sequence[Path] 
                 raise
             raise OutputError(f"{shown}: cannot publish the output ({e.strerror})") from None
     except BaseException as e:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         _remove_parents(created)
         err = _as_output_error(e, shown, staging)
         if err is e:
@@ -221,24 +222,23 @@ def _write_manifest(staging: Path) -> None:
     (staging / MANIFEST).write_text(json.dumps(body, indent=1) + "\n")
 
 
-def _make_parents(parent: Path, shown: Path) -> list[Path]:
-    """Create the missing parent folders, returning those made (deepest last)."""
+def _make_parents(parent: Path, shown: Path, made: list[Path]) -> None:
+    """Create the missing parent folders, appending each to ``made`` (deepest last) as it is made."""
     missing = []
     p = parent
     while not p.exists():
         missing.append(p)
         p = p.parent
-    made = []
     for p in reversed(missing):
         try:
             p.mkdir()
         except FileExistsError:
             continue  # made by a concurrent run: not ours to remove
         except OSError as e:
-            _remove_parents(made)
+            if e.errno in _DISK_FULL:
+                raise
             raise OutputError(f"{shown}: cannot create folder {p} ({e.strerror})") from None
         made.append(p)
-    return made
 
 
 def _remove_parents(made: list[Path]) -> None:
@@ -249,13 +249,13 @@ def _remove_parents(made: list[Path]) -> None:
             return
 
 
-def _make_staging(target: Path) -> tuple[Path, int]:
-    staging = target.parent / f".{target.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _make_staging(staging: Path) -> int:
+    """Make the staging folder and lock it for this run's life; returns the descriptor holding the lock."""
     staging.mkdir()
     fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     with contextlib.suppress(OSError):  # no flock on this filesystem: the owner's pid alone protects it
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return staging, fd
+    return fd
 
 
 def _pid_of(name: str) -> int | None:
@@ -347,10 +347,10 @@ def _remove_listed(old: Path) -> None:
         os.rename(old, kept)
 
 
-def _as_output_error(e: BaseException, shown: Path, staging: Path | None) -> BaseException:
+def _as_output_error(e: BaseException, shown: Path, staging: Path) -> BaseException:
     """Name the output (not the hidden staging folder) in errors, and make a full disk one clean line."""
     if isinstance(e, OutputError):
-        return OutputError(str(e).replace(str(staging), str(shown))) if staging else e
+        return OutputError(str(e).replace(str(staging), str(shown)))
     if isinstance(e, OSError) and e.errno in _DISK_FULL:
         return OutputError(f"{shown}: disk full ({e.strerror}); nothing was written")
     return e
