@@ -65,9 +65,7 @@ def staged_output(out: Path, *, overwrite: bool = False, inputs: Sequence[Path] 
         ...     (folder / "config.json").write_text("{}")
     """
     shown = Path(out)
-    target = _target(shown)
-    check_output_path(shown, [str(p) for p in inputs])
-    _check_replaceable(shown, target, overwrite)
+    target = check_publishable(shown, overwrite=overwrite, inputs=inputs)
     # Every name is recorded before the step that makes it, so an interrupt at any point is cleaned up.
     created: list[Path] = []
     staging = target.parent / f".{target.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -96,6 +94,23 @@ def staged_output(out: Path, *, overwrite: bool = False, inputs: Sequence[Path] 
     finally:
         if lock_fd >= 0:
             os.close(lock_fd)  # releases the flock
+
+
+def check_publishable(out: Path, *, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Path:
+    """The checks :func:`staged_output` makes first, for a command to fail fast before a long run.
+
+    Returns:
+        The absolute folder the output will be published at (a symlink's target).
+
+    Raises:
+        OutputError: as :func:`staged_output`, for an output that exists, is not a previous output, or clashes
+            with an input.
+    """
+    shown = Path(out)
+    target = _target(shown)
+    check_output_path(shown, [str(p) for p in inputs])
+    _check_replaceable(shown, target, overwrite)
+    return target
 
 
 def check_output_path(out_dir: Path, inputs: Sequence[str]) -> None:

@@ -28,7 +28,7 @@ import torch
 from mergekit_safe import __version__, kernels
 from mergekit_safe.io.adapters import open_input
 from mergekit_safe.io.reader import Checkpoint
-from mergekit_safe.errors import CheckpointError, MergeKitSafeError, OutputError
+from mergekit_safe.errors import CheckpointError, MergeKitSafeError
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
 from mergekit_safe.merge.recipe import Recipe, layer_index, module_type
 from mergekit_safe.io.publish import check_output_path, staged_output
