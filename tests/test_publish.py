@@ -150,6 +150,24 @@ def test_a_user_file_added_to_the_old_output_meanwhile_is_kept(tmp_path: Path, r
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_a_user_file_added_after_the_last_check_survives(tmp_path: Path, rename_impl: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    write_output(out, {"a.txt": "old"})
+    real = publish._write_manifest
+
+    def late_write(staging: Path) -> None:  # runs after the last check, right before the publishing rename
+        real(staging)
+        (out / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(publish, "_write_manifest", late_write)
+    write_output(out, {"a.txt": "new"}, overwrite=True)
+    assert (out / "a.txt").read_text() == "new"
+    kept = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert len(kept) == 1 and kept[0].name.startswith("out.kept-"), kept  # visible, not a hidden leftover
+    assert tree(kept[0]) == {"notes.txt": b"mine"}
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path: Path, code: int) -> None:
     with pytest.raises(OutputError) as info, staged_output(tmp_path / "x" / "out") as folder:
@@ -216,6 +234,20 @@ def test_stale_partials_of_dead_runs_are_cleaned_live_ones_kept(tmp_path: Path) 
     unlocked.rmdir()
     assert clean_stale_partials(out) == [live_partial]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_locked_partial_is_kept_whatever_its_pid(tmp_path: Path) -> None:
+    import fcntl
+
+    partial = tmp_path / ".out.partial-99999999-0000abcd"  # no such process (pid reused, another pid namespace)
+    partial.mkdir()
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # but a live run holds its lock
+        assert clean_stale_partials(tmp_path / "out") == [] and partial.is_dir()
+    finally:
+        os.close(fd)
+    assert clean_stale_partials(tmp_path / "out") == [partial] and not partial.exists()
 
 
 def test_cli_overwrite_of_the_current_folder_is_one_line(tmp_path: Path, tiny_pair: tuple[Path, Path],

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -29,6 +28,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mergekit_safe.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a partial folder is then never taken for a dead run's
+    fcntl = None  # type: ignore[assignment]
 
 MANIFEST = "mergekit_safe_manifest.json"
 _PARTIAL = ".partial-"
@@ -147,6 +151,8 @@ def clean_stale_partials(out: Path) -> list[Path]:
     prefix = f".{out.name}{_PARTIAL}"
     for p in [p for p in parent.iterdir() if p.name.startswith(prefix)]:
         pid = _pid_of(p.name)
+        if fcntl is None:
+            break
         try:
             fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
@@ -267,6 +273,8 @@ def _remove_parents(made: list[Path]) -> None:
 def _make_staging(staging: Path) -> int:
     """Make the staging folder and lock it for this run's life; returns the descriptor holding the lock."""
     staging.mkdir()
+    if fcntl is None:
+        return -1
     fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     with contextlib.suppress(OSError):  # no flock on this filesystem: the owner's pid alone protects it
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
