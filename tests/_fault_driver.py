@@ -7,16 +7,19 @@ one after the other. Each job runs in a forked child, so torch is imported once 
 never runs torch code, so the fork is safe). The points ("events") are the steps that change the disk: every
 write of a header or tensor piece, every side file and text file, making the staging folder, the manifest,
 the publishing rename and the removal of an old output; each counts once before and once after the step. A
-fault fires at event N: a signal sent to the process itself, or (before a step only) the step failing with a
-full disk. A barrier makes every job of its group wait before publishing until all of them are there (two
-concurrent writers publishing at the same moment). RESULTS gets, per job, its exit status (negative: killed by
-that signal) and how many events it passed.
+fault fires at event N: a signal sent to the process itself, or a full disk failing the first step that starts
+at or after event N (for a shard write the writer's file fails, so the writer's own error handling runs). A
+barrier makes every job of its group wait before publishing until all of them are there (two concurrent
+writers publishing at the same moment). ``"snapshot": {"label": folder}`` records, right after the job, every
+entry below each folder with its sha256, so one driver run holds both a fault and the rerun after it. RESULTS gets, per job, its exit status (negative: killed by
+that signal), how many events it passed, and its snapshots.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +38,7 @@ _STEPS = [
     (publish, "_make_staging"),
     (publish, "_write_manifest"),
     (publish, "_rename_noreplace"),
+    (publish, "_publish"),
     (publish, "_remove_listed"),
 ]
 
@@ -43,24 +47,31 @@ def _install(job: dict[str, Any], counter: list[int]) -> None:
     fault = job.get("fault")
     barrier = job.get("barrier")
 
-    def event(phase: str) -> None:
+    fired = [False]
+
+    def event(phase: str, owner: Any = None) -> None:
         counter[0] += 1
-        if fault is None or counter[0] != fault["at"]:
+        if fault is None or fired[0] or counter[0] < fault["at"]:
             return
         kind = fault["kind"]
         if kind in ("SIGKILL", "SIGTERM"):
+            fired[0] = True
             os.kill(os.getpid(), getattr(signal, kind))
             time.sleep(0.5)  # SIGTERM: the handler raises in the main thread at its next bytecode
-        elif phase == "before":
+        elif phase == "before":  # a full disk fails the first step starting at or after event N
+            fired[0] = True
             code = getattr(errno, kind)
-            raise OSError(code, os.strerror(code))
+            if owner is not None:
+                owner._file = _FullDisk(owner._file, code)  # the writer's own write fails, and every one after
+            else:
+                raise OSError(code, os.strerror(code))
 
     def wrap(fn: Any, name: str) -> Any:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             if barrier and name == "_rename_noreplace":
                 _wait(Path(barrier["dir"]), barrier["parties"])
-            event("before")
+            event("before", args[0] if name == "_raw_write" else None)
             out = fn(*args, **kwargs)
             event("after")
             return out
@@ -70,6 +81,19 @@ def _install(job: dict[str, Any], counter: list[int]) -> None:
     for owner, name in _STEPS:
         setattr(owner, name, wrap(getattr(owner, name), name))
     shutil.copy2 = wrap(shutil.copy2, "copy2")  # the side files
+
+
+class _FullDisk:
+    """A shard file on a full disk: every write fails with ``code``, as the real file's would."""
+
+    def __init__(self, file: Any, code: int) -> None:
+        self.file, self.code = file, code
+
+    def write(self, data: Any) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _wait(folder: Path, parties: int) -> None:
@@ -97,8 +121,17 @@ def _child(job: dict[str, Any], counts: str) -> None:
         os._exit(code)
 
 
-def run(jobs: list[dict[str, Any]]) -> list[dict[str, int]]:
-    results: list[dict[str, int]] = [{} for _ in jobs]
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry below ``folder``, hidden ones included: a file's sha256, or "dir"."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = [{} for _ in jobs]
     for group in sorted({j.get("group", i) for i, j in enumerate(jobs)}):
         pids = {}
         for i, job in enumerate(jobs):
@@ -116,6 +149,8 @@ def run(jobs: list[dict[str, Any]]) -> list[dict[str, int]]:
             rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             events = int(Path(counts).read_text()) if os.path.exists(counts) else -1
             results[i] = {"rc": rc, "events": events}
+        for pid, (i, _) in pids.items():  # the state each job left, before any later job (a rerun) changes it
+            results[i]["snapshot"] = {k: snapshot(Path(d)) for k, d in jobs[i].get("snapshot", {}).items()}
     return results
 
 

@@ -348,7 +348,10 @@ def _publish(staging: Path, target: Path, shown: Path, overwrite: bool) -> None:
             raise OutputError(f"{shown}: appeared while this run was writing (another run or a new folder); it "
                               f"was left alone and this run's output was discarded") from None
         raise
-    _remove_listed(staging)  # the previous output, now at the staging name
+    # The new output is published: failing to remove the previous one (now at the staging name) must not fail
+    # the run; what is left there is removed by the next run to this output once this process is gone.
+    with contextlib.suppress(OSError):
+        _remove_listed(staging)
 
 
 def _remove_listed(old: Path) -> None:

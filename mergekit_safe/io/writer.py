@@ -168,8 +168,9 @@ class CheckpointWriter:
             self._file.write(data)
         except OSError as e:
             where = self.out_dir / self.shard_names[self._file_index]  # the partial folder is removed
-            if e.errno == errno.ENOSPC:
-                raise OutputError(f"{where}: disk full while writing tensor {name!r}") from None
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                quota = " (quota exceeded)" if e.errno == errno.EDQUOT else ""
+                raise OutputError(f"{where}: disk full{quota} while writing tensor {name!r}") from None
             raise OutputError(f"{where}: cannot write tensor {name!r} ({e.strerror})") from None
 
     def write(self, name: str, data: torch.Tensor) -> None:
