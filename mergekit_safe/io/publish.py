@@ -83,7 +83,9 @@ def staged_output(out: Path, *, overwrite: bool = False, inputs: Sequence[Path] 
             _check_replaceable(shown, target, overwrite)
         try:
             _write_manifest(staging)
+            _sync(staging)
             _publish(staging, target, shown, overwrite)
+            _sync_dir(target.parent)
         except OSError as e:
             if e.errno in _DISK_FULL:
                 raise
@@ -241,6 +243,38 @@ def _write_manifest(staging: Path) -> None:
     files = [e for e in _walk(staging) if e != MANIFEST]
     body = {"tool": "mergekit-safe", "version": __version__, "files": files}
     (staging / MANIFEST).write_text(json.dumps(body, indent=1) + "\n")
+
+
+def _sync(folder: Path) -> None:
+    """Flush every file and folder below ``folder`` to disk before it is published.
+
+    Without it a power loss right after the rename can leave a published folder of empty or short files: the
+    rename reaches the journal before the delayed data writes do.
+    """
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(root))
+
+
+def _sync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on a folder: nothing more to do
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_parents(parent: Path, shown: Path, made: list[Path]) -> None:
