@@ -35,7 +35,7 @@ class _Group(click.Group):
             # click prints "Error: <message>" on stderr and exits 1, the same as its own usage errors
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
+            click.echo("interrupted: no partial output was left behind", err=True)
             sys.exit(130)
 
 
@@ -92,7 +92,8 @@ def _output_options(f: Any) -> Any:
         click.option("--dtype", type=click.Choice(OUTPUT_DTYPE_NAMES), default=None,
                      help="Output dtype [default: the inputs']."),
         _device_option(),
-        click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace a previous mergekit-safe output at -o (any other existing folder is refused)."),
         click.option("--strict", is_flag=True, help="NaN/Inf in an input is an error, not a warning."),
         click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (loaded weights_only)."),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
@@ -265,7 +266,8 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
 @click.option("--as-adapter", is_flag=True, help="Write a repaired LoRA adapter (LoRA fine-tune, lerp).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler and DARE seed.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a previous mergekit-safe output at -o (any other existing folder is refused).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def repair(output: Path, no_progress: bool, refusal_openings: tuple[str, ...], compliance_openings: tuple[str, ...],
            **opts: Any) -> None:

@@ -121,8 +121,11 @@ def test_existing_output_needs_overwrite(pair: tuple[Path, Path], tmp_path: Path
     assert fails(*merge_args(*pair, tmp_path / "out")) == (
         f"Error: {tmp_path / 'out'}: already exists (pass --overwrite to replace it)")
     assert (tmp_path / "out" / "keep.txt").exists()
-    CliRunner().invoke(main, [str(a) for a in merge_args(*pair, tmp_path / "out")] + ["--overwrite"])
-    assert (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "keep.txt").exists()
+    # --overwrite replaces only a previous mergekit-safe output: a folder of the user's is never touched
+    assert fails(*merge_args(*pair, tmp_path / "out"), "--overwrite") == (
+        f"Error: {tmp_path / 'out'}: is not a mergekit-safe output (no mergekit_safe_manifest.json); --overwrite "
+        "replaces only a previous mergekit-safe output, choose another -o")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
 
 
 def test_disk_full_leaves_nothing(pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

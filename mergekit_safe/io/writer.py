@@ -1,29 +1,30 @@
-"""Write a Hugging Face checkpoint as a stream: sharded safetensors, index, side files, atomic finalize.
+"""Write a Hugging Face checkpoint as a stream: sharded safetensors, index, side files.
 
 A safetensors header only needs names, shapes and dtypes, so every shard's header is known before any data
-exists; tensors (or flat pieces of them) are then appended in plan order and never held whole. Everything is
-written into a hidden sibling folder that is renamed onto the output only when complete, so an interrupted
-run never leaves a folder that looks like a checkpoint.
+exists; tensors (or flat pieces of them) are then appended in plan order and never held whole. A standalone
+writer stages its folder with :func:`mergekit_safe.io.publish.staged_output` and publishes it on
+:meth:`CheckpointWriter.finalize`, so an interrupted run never leaves a folder that looks like a checkpoint;
+a writer given ``publish=False`` writes into a folder its caller stages and publishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
-import os
 import shutil
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from mergekit_safe.errors import OutputError
+from mergekit_safe.io.publish import staged_output
 from mergekit_safe.io.dtypes import DTYPE_TO_SAFETENSORS
 from mergekit_safe.io.reader import SAFE_INDEX, SAFE_SINGLE
-from mergekit_safe.errors import OutputError
 
 # Files copied from the chosen input folder: config, generation config, tokenizer and chat template.
 SIDE_FILES = (
@@ -110,11 +111,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+class _Aborted(Exception):
+    """Thrown into the staging context to discard the output."""
+
+
 class CheckpointWriter:
     """Stream tensors into a new checkpoint folder, then publish it atomically.
 
     Tensors must arrive in the order of ``specs``, each whole or as consecutive flat pieces (an empty tensor
-    as one empty write).
+    as one empty write). With ``publish=True`` (the default) the writer stages ``out_dir`` itself (see
+    :func:`~mergekit_safe.io.publish.staged_output`, which ``overwrite`` is passed to); with ``publish=False``
+    it writes straight into ``out_dir``, an existing folder the caller publishes.
 
     Example:
         >>> w = CheckpointWriter(Path("out"), specs, max_shard_size=5 * 10**9)  # doctest: +SKIP
@@ -123,18 +130,17 @@ class CheckpointWriter:
     """
 
     def __init__(
-        self, out_dir: Path, specs: list[TensorSpec], max_shard_size: int, *, overwrite: bool = False
+        self, out_dir: Path, specs: list[TensorSpec], max_shard_size: int, *, overwrite: bool = False,
+        publish: bool = True,
     ) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise OutputError(f"{self.out_dir}: already exists (pass --overwrite to replace it)")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise OutputError(f"{self.out_dir}: exists and is not a folder")
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            self.tmp.mkdir(parents=True)
-        except OSError as e:
-            raise OutputError(f"{self.tmp}: cannot create output folder ({e.strerror})") from None
+        self._stage = contextlib.ExitStack()
+        if publish:
+            self.tmp = self._stage.enter_context(staged_output(self.out_dir, overwrite=overwrite))
+        elif self.out_dir.is_dir():
+            self.tmp = self.out_dir
+        else:
+            raise OutputError(f"{self.out_dir}: not an existing folder to write into")
         self.shards = plan_shards(specs, max_shard_size)
         n = len(self.shards)
         self.shard_names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -163,8 +169,9 @@ class CheckpointWriter:
             self._file.write(data)
         except OSError as e:
             where = self.out_dir / self.shard_names[self._file_index]  # the partial folder is removed
-            if e.errno == errno.ENOSPC:
-                raise OutputError(f"{where}: disk full while writing tensor {name!r}") from None
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                quota = " (quota exceeded)" if e.errno == errno.EDQUOT else ""
+                raise OutputError(f"{where}: disk full{quota} while writing tensor {name!r}") from None
             raise OutputError(f"{where}: cannot write tensor {name!r} ({e.strerror})") from None
 
     def write(self, name: str, data: torch.Tensor) -> None:
@@ -218,10 +225,10 @@ class CheckpointWriter:
         return copied
 
     def finalize(self) -> Path:
-        """Check every tensor arrived, write the index, and move the folder into place.
+        """Check every tensor arrived, write the index, and (self-staged) publish the folder.
 
         Raises:
-            OutputError: tensors are missing.
+            OutputError: tensors are missing, or the output cannot be published.
         """
         if self._pos < len(self._queue):
             spec = self._queue[self._pos][0]
@@ -236,13 +243,7 @@ class CheckpointWriter:
             weight_map = {s.name: self.shard_names[i] for i, shard in enumerate(self.shards) for s in shard}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
             (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self._stage.close()  # publishes a self-staged folder
         return self.out_dir
 
     def _open_shard_empty(self) -> None:
@@ -253,9 +254,12 @@ class CheckpointWriter:
         self._raw_write(safetensors_header([]), "<header>")
 
     def abort(self) -> None:
-        """Remove the partial output (called on any error or interrupt)."""
+        """Remove a self-staged partial output (called on any error or interrupt).
+
+        A ``publish=False`` writer leaves its folder to the caller, whose staging removes it.
+        """
         self._close_file()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._stage.__exit__(_Aborted, _Aborted(), None)
 
     def __enter__(self) -> CheckpointWriter:
         return self

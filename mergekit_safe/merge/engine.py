@@ -26,12 +26,15 @@ import torch
 
 from mergekit_safe import __version__, kernels
 from mergekit_safe.io.adapters import open_input
+from mergekit_safe.errors import CheckpointError
+from mergekit_safe.io.publish import check_output_path, staged_output
 from mergekit_safe.io.source import TensorSource
-from mergekit_safe.errors import CheckpointError, OutputError
+from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
 from mergekit_safe.merge.recipe import Recipe, module_type, num_layers
-from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 
+__all__ = ["DEFAULT_CHUNK_ELEMS", "DEFAULT_MAX_SHARD", "MergeResult", "check_output_path", "merge", "merge_into",
+           "plan_merge"]
 
 DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M elements: 4 MB of bf16 per buffer (measured: no slower than 8M, 75 MB less RSS)
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -56,19 +59,6 @@ class MergeResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     input_hashes: dict[str, str] = field(default_factory=dict)
-
-
-def check_output_path(out_dir: Path, inputs: list[str]) -> None:
-    """Refuse an output that is, contains, or lies inside an input.
-
-    Raises:
-        OutputError: naming the clashing input.
-    """
-    out = out_dir.resolve()
-    for inp in inputs:
-        p = Path(inp).resolve()
-        if out == p or p in out.parents or out in p.parents:
-            raise OutputError(f"{out_dir}: output would overwrite or lie inside input {inp}; choose another -o")
 
 
 def hash_files(files: list[Path], block: int = 1 << 20) -> dict[str, str]:
@@ -339,12 +329,16 @@ def merge(
 ) -> MergeResult:
     """Run a merge recipe and publish the result atomically at ``out_dir``.
 
+    The checkpoint is written by :func:`merge_into` into a folder staged by
+    :func:`mergekit_safe.io.publish.staged_output`, which publishes it only when complete.
+
     Args:
         recipe: a validated or unvalidated :class:`Recipe`.
         out_dir: output folder; must not exist unless ``overwrite``.
         max_shard_size: largest shard in bytes.
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``): where the math runs.
-        overwrite: replace an existing output folder (only once the new one is complete).
+        overwrite: replace a previous mergekit-safe output at ``out_dir`` (only once the new one is complete);
+            any other existing folder is refused.
         strict: NaN/Inf in an input is an error rather than a warning.
         allow_pickle: accept pickled ``.bin`` inputs (loaded with ``weights_only=True``).
         progress: show a progress bar with bytes/s.
@@ -367,59 +361,115 @@ def merge(
     t0 = time.perf_counter()
     out = Path(out_dir)
     recipe.validate()
-    check_output_path(out, recipe.input_paths())
-    # warnings travel in the result (the caller prints them once), not through logging as well
+    with staged_output(out, overwrite=overwrite, inputs=[Path(p) for p in recipe.input_paths()]) as folder:
+        result = merge_into(recipe, folder, max_shard_size=max_shard_size, device=device, strict=strict,
+                            allow_pickle=allow_pickle, progress=progress, chunk_elems=chunk_elems,
+                            hash_inputs=hash_inputs, extra_card=extra_card, on_tensor=on_tensor)
+    result.out_dir = out
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def merge_into(
+    recipe: Recipe,
+    folder: str | Path,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+    device: str = "cpu",
+    overwrite: bool = False,
+    strict: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    hash_inputs: bool = True,
+    extra_card: str | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> MergeResult:
+    """Write a merge's checkpoint (shards, index, side files, model card, recipe) into an existing folder.
+
+    Nothing is published: the caller owns ``folder``, typically the staging folder of
+    :func:`mergekit_safe.io.publish.staged_output`, so it can add its own files (a report, a plot) before the
+    one atomic publish. On an error the files already written stay in ``folder`` for the caller's cleanup.
+
+    Args:
+        recipe: as for :func:`merge`.
+        folder: an existing folder to write into.
+        overwrite: accepted for the same call as :func:`merge`; unused (publishing is the caller's).
+        max_shard_size, device, strict, allow_pickle, progress, chunk_elems, hash_inputs, extra_card,
+            on_tensor: as for :func:`merge`.
+
+    Returns:
+        A :class:`MergeResult` whose ``out_dir`` is ``folder``.
+
+    Raises:
+        RecipeError, CheckpointError, OutputError: with one-line messages naming the file and tensor.
+
+    Example:
+        >>> with staged_output(Path("repaired")) as folder:  # doctest: +SKIP
+        ...     merge_into(recipe, folder)
+        ...     (folder / "repair_report.json").write_text(report)
+    """
+    del overwrite
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    recipe.validate()
+    check_output_path(folder, recipe.input_paths())
     plan = plan_merge(recipe, allow_pickle=allow_pickle)
     dev = kernels.resolve_device(device)  # the one device rule (auto, cpu, cuda[:N]); raises when CUDA is missing
     hasher = _Hasher([f for c in plan.inputs for f in c.files]) if hash_inputs else None
     if hasher:
         hasher.start()
-    total = sum(s.nbytes for s in plan.specs)
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress,
-               leave=False)
-    result = MergeResult(out, len(plan.specs), total, 0.0, list(plan.warnings))
-    with CheckpointWriter(out, plan.specs, max_shard_size, overwrite=overwrite) as writer:
-        wt = _WriterThread(writer)
-        wt.start()
-        pipe = _CudaPipe(dev) if dev.type == "cuda" else None
-        pool = _BufferPool(wt.q.maxsize + 2)
-        threads = torch.get_num_threads()
-        # Measured on 2 cores: one torch thread leaves the other core to the writer and hasher threads, and is
-        # 5x faster per op than two threads fighting them.
-        torch.set_num_threads(1)
-        try:
-            for spec in plan.specs:
-                _merge_tensor(plan, recipe, spec, wt, dev, pipe, pool, chunk_elems, strict, result, bar)
-                if on_tensor is not None:
-                    on_tensor(spec.name)
-            if pipe is not None:
-                for name, start, stop in pipe.bad_chunks():
-                    _report_nonfinite(plan, name, start, stop, strict, result)
-        finally:
-            torch.set_num_threads(threads)
-            wt.close()
-            bar.close()
-            for c in plan.inputs:
-                c.close()
+    result = MergeResult(folder, len(plan.specs), sum(s.nbytes for s in plan.specs), 0.0, list(plan.warnings))
+    with CheckpointWriter(folder, plan.specs, max_shard_size, publish=False) as writer:
+        _stream_tensors(plan, recipe, writer, dev, chunk_elems, strict, result, progress, on_tensor)
         if hasher:
             hasher.join()
             if hasher.error:
                 raise CheckpointError(f"cannot hash inputs ({hasher.error})")
             result.input_hashes = hasher.result
-        ref_root = plan.reference.root
         updates = {}
         if recipe.dtype and plan.reference.config is not None:
             key = "dtype" if "dtype" in plan.reference.config else "torch_dtype"
             updates[key] = str(recipe.out_dtype()).removeprefix("torch.")
-        writer.copy_side_files(ref_root, updates)
-        card = _model_card(recipe, result, plan) + (extra_card or "")
-        writer.write_text("README.md", card)
+        writer.copy_side_files(plan.reference.root, updates)
+        writer.write_text("README.md", _model_card(recipe, result, plan) + (extra_card or ""))
         writer.write_text("mergekit_safe_recipe.yml", recipe.to_yaml())
         writer.finalize()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _stream_tensors(
+    plan: _Plan, recipe: Recipe, writer: CheckpointWriter, dev: torch.device, chunk_elems: int, strict: bool,
+    result: MergeResult, progress: bool, on_tensor: Callable[[str], None] | None,
+) -> None:
+    """Merge every planned tensor and hand it to ``writer`` through the writer thread."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=result.bytes_written, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
+               disable=not progress, leave=False)
+    wt = _WriterThread(writer)
+    wt.start()
+    pipe = _CudaPipe(dev) if dev.type == "cuda" else None
+    pool = _BufferPool(wt.q.maxsize + 2)
+    threads = torch.get_num_threads()
+    # Measured on 2 cores: one torch thread leaves the other core to the writer and hasher threads, and is
+    # 5x faster per op than two threads fighting them.
+    torch.set_num_threads(1)
+    try:
+        for spec in plan.specs:
+            _merge_tensor(plan, recipe, spec, wt, dev, pipe, pool, chunk_elems, strict, result, bar)
+            if on_tensor is not None:
+                on_tensor(spec.name)
+        if pipe is not None:
+            for name, start, stop in pipe.bad_chunks():
+                _report_nonfinite(plan, name, start, stop, strict, result)
+    finally:
+        torch.set_num_threads(threads)
+        wt.close()
+        bar.close()
+        for c in plan.inputs:
+            c.close()
 
 
 def _merge_tensor(

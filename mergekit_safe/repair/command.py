@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 
 from mergekit_safe.io.adapters import AdapterCheckpoint, open_input
 from mergekit_safe.io.reader import ADAPTER_CONFIG, is_adapter, open_checkpoint
-from mergekit_safe.errors import CheckpointError, EvalError, OutputError, SearchError
+from mergekit_safe.errors import CheckpointError, EvalError, SearchError
 from mergekit_safe.merge.recipe import ModelSpec, Recipe
 from mergekit_safe.merge.recipe import num_layers as count_layers
 from mergekit_safe.repair.search import (
@@ -232,12 +230,10 @@ def validate(cfg: RepairConfig) -> tuple[GroupSpec, list[Any], list[Any], list[A
         raise SearchError(f"--as-adapter: {cfg.finetuned} is not a PEFT LoRA adapter (no {ADAPTER_CONFIG})")
     if cfg.as_adapter and cfg.method != "lerp":
         raise SearchError(f"--as-adapter works with --method lerp only (got {cfg.method}): a scaled lora_B is a lerp")
-    out = Path(cfg.output)
-    if out.exists() and not cfg.overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    from mergekit_safe.merge.engine import check_output_path
+    from mergekit_safe.io.publish import check_publishable
 
-    check_output_path(out, [str(p) for p in (cfg.base, cfg.finetuned, cfg.unaligned) if p is not None])
+    inputs = [Path(p) for p in (cfg.base, cfg.finetuned, cfg.unaligned) if p is not None]
+    check_publishable(Path(cfg.output), overwrite=cfg.overwrite, inputs=inputs)
     harmful = load_prompts(cfg.harmful, kind="harmful")
     benign = load_prompts(cfg.benign, kind="benign")
     utility = None
@@ -318,12 +314,12 @@ def build_recipe(cfg: RepairConfig, space: CandidateSpace, groups: GroupSpec, co
     return recipe
 
 
-def write_adapter(cfg: RepairConfig, space: CandidateSpace, coeffs: dict[str, float], out: Path,
+def write_adapter(cfg: RepairConfig, space: CandidateSpace, coeffs: dict[str, float], folder: Path,
                   extra_files: dict[str, str]) -> None:
     """Write the repaired LoRA adapter: ``lora_B`` (and saved full modules' deltas) scaled by the coefficient.
 
     ``base + scale * (a*B) @ A = base + a * delta``, so the adapter on the base equals the merged candidate.
-    The folder is written next to ``out`` and renamed into place.
+    It is written into ``folder``, an existing (staging) folder the caller publishes.
     """
     from safetensors.torch import save_file
 
@@ -351,20 +347,12 @@ def write_adapter(cfg: RepairConfig, space: CandidateSpace, coeffs: dict[str, fl
             tensors[key] = t.contiguous()
     finally:
         ft.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        for f in src.iterdir():
-            if f.is_file() and not f.name.startswith("adapter_model"):
-                shutil.copy2(f, tmp / f.name)
-        for rel, text in extra_files.items():
-            (tmp / rel).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("adapter_model"):
+            shutil.copy2(f, folder / f.name)
+    for rel, text in extra_files.items():
+        (folder / rel).write_text(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -631,21 +619,24 @@ def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
         card = model_card(report)
         t_phase = time.perf_counter()
         out = Path(cfg.output)
-        if cfg.as_adapter:
-            write_adapter(cfg, space, best.coeffs, out, {"README.md": "# Repaired LoRA adapter\n" + card})
-        else:
-            from mergekit_safe.merge.engine import merge
+        # checkpoint (or adapter), report and plot are published together, in one rename
+        from mergekit_safe.io.publish import staged_output
+        from mergekit_safe.merge.engine import merge_into
 
-            recipe = build_recipe(cfg, space, groups, best.coeffs, num_layers)
-            merge(recipe, out, overwrite=cfg.overwrite, progress=progress, extra_card=card)
-        phases["write"] = time.perf_counter() - t_phase
-        t_phase = time.perf_counter()
-        report_path, plot_path = out / REPORT_JSON, out / REPORT_PNG
-        plot_report(report, plot_path)
-        phases["report"] = time.perf_counter() - t_phase
-        report["cost"]["wall_seconds"] = time.perf_counter() - t_start
-        report_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-        return RepairResult(out, report_path, plot_path, report, result)
+        inputs = [Path(p) for p in (cfg.base, cfg.finetuned, cfg.unaligned) if p is not None]
+        with staged_output(out, overwrite=cfg.overwrite, inputs=inputs) as folder:
+            if cfg.as_adapter:
+                write_adapter(cfg, space, best.coeffs, folder, {"README.md": "# Repaired LoRA adapter\n" + card})
+            else:
+                recipe = build_recipe(cfg, space, groups, best.coeffs, num_layers)
+                merge_into(recipe, folder, progress=progress, extra_card=card)
+            phases["write"] = time.perf_counter() - t_phase
+            t_phase = time.perf_counter()
+            plot_report(report, folder / REPORT_PNG)
+            phases["report"] = time.perf_counter() - t_phase
+            report["cost"]["wall_seconds"] = time.perf_counter() - t_start
+            (folder / REPORT_JSON).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        return RepairResult(out, out / REPORT_JSON, out / REPORT_PNG, report, result)
     finally:
         for c in (base_ck, ft_ck, un_ck):
             if c is not None:
