@@ -14,7 +14,7 @@ import math
 import mmap
 import os
 import re
-import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +23,9 @@ from typing import Any
 import torch
 
 from mergekit_safe.errors import CheckpointError
+# The dtype tables live with the header parser; re-exported here for the writer and older imports.
+from mergekit_safe.io.header import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, parse_json_strict, read_header  # noqa: F401
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -49,7 +36,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # A fine-tune with tied embeddings stores no lm_head; these are the names it is tied to.
 TIED_ALIASES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
 _PAGE = mmap.PAGESIZE
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,6 +66,9 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors file's header without reading its data.
 
+    The file is accepted exactly when ``safetensors.safe_open`` accepts it (see
+    :mod:`mergekit_safe.io.header` for the rules and the one stricter case, duplicated tensor names).
+
     Args:
         path: a ``.safetensors`` file.
 
@@ -87,49 +76,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         ``(tensors, metadata)``: tensor infos in data-offset order and the ``__metadata__`` map.
 
     Raises:
-        CheckpointError: the file is missing, truncated, or its header is malformed or inconsistent.
+        CheckpointError: the file is missing, truncated, has trailing bytes, or its header is malformed.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (hlen,) = struct.unpack("<Q", raw)
-            if hlen > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: corrupt safetensors header (claims {hlen} bytes, file has {size})")
-            header = json.loads(f.read(hlen))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    data_start = 8 + hlen
-    infos = []
-    for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except KeyError as e:
-            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or missing field {e}") from None
-        except (TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} {entry['dtype']} "
-                f"(expected {expected})"
-            )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}"
-            )
-        infos.append(TensorInfo(name, shape, dtype, path, data_start + begin, expected))
-    infos.sort(key=lambda i: i.start)
-    return {i.name: i for i in infos}, {str(k): str(v) for k, v in meta.items()}
+    entries, meta = read_header(path)
+    return {e.name: TensorInfo(e.name, e.shape, e.dtype, path, e.start, e.nbytes) for e in entries}, meta
 
 
 def _checkpoint_step(path: Path) -> tuple[int, str]:
@@ -169,10 +119,9 @@ class Checkpoint:
         self._memory: dict[str, torch.Tensor] = {}
         self.config: dict[str, Any] | None = None
         if root is not None and (root / "config.json").is_file():
-            try:
-                self.config = json.loads((root / "config.json").read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{root / 'config.json'}: not valid JSON ({e})") from None
+            self.config = load_json_file(root / "config.json")
+            if not isinstance(self.config, dict):
+                raise CheckpointError(f"{root / 'config.json'}: not a JSON object")
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self._tensors)} tensors)"
@@ -244,7 +193,9 @@ class Checkpoint:
             return t if stop is None else t.reshape(-1)[start:stop]
         count = info.numel - start if stop is None else stop - start
         if count == 0:
-            return torch.empty(info.shape if stop is None else (0,), dtype=info.dtype)
+            # reshape, not empty(shape): a zero-size tensor may have dimensions whose strides overflow int64
+            empty = torch.empty(0, dtype=info.dtype)
+            return empty.reshape(info.shape) if stop is None else empty
         try:
             flat = torch.frombuffer(
                 self._map(info.file), dtype=info.dtype, count=count, offset=info.start + start * info.dtype.itemsize
@@ -286,12 +237,50 @@ class Checkpoint:
             yield name, self.get(name)
 
 
-def _load_index(index: Path) -> list[tuple[str, Path]]:
+def load_json_file(path: Path) -> Any:
+    """A JSON side file (index, config, adapter config), every failure as one line naming the file.
+
+    Raises:
+        CheckpointError: unreadable, not UTF-8, not JSON, or nested too deep for the parser.
+    """
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: malformed index ({e!r}); expected a 'weight_map' object") from None
-    return [(name, index.parent / fname) for name, fname in weight_map.items()]
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and int() refusing a number with too many digits
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# A shard name is one plain file name: no folder separators (either OS's), no drive letter or NTFS stream
+# (':'), no NUL, not '.' or '..'. Symlinks with such a name are still followed (the Hugging Face cache links
+# snapshots/<rev>/x.safetensors to ../../blobs/<sha>): the user chose the folder, and with it its links.
+_NOT_PLAIN = re.compile(r"[/\\:\x00]")
+
+
+def confined_file(listing: Path, name: object) -> Path:
+    """The file ``name`` inside the folder of ``listing`` (an index), refusing names that leave it.
+
+    Raises:
+        CheckpointError: ``name`` is not a string or not a plain file name.
+    """
+    if not isinstance(name, str):
+        raise CheckpointError(f"{listing}: shard name {str(name)[:80]!r} is not a string")
+    if name in ("", ".", "..") or _NOT_PLAIN.search(name):
+        raise CheckpointError(f"{listing}: shard name {name[:80]!r} is not a plain file name inside "
+                              f"{listing.parent} (no folders, '..', absolute paths, drive letters or NUL)")
+    return listing.parent / name
+
+
+def _load_index(index: Path) -> list[tuple[str, Path]]:
+    data = load_json_file(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: malformed index; expected a JSON object with a 'weight_map' object")
+    return [(name, confined_file(index, fname)) for name, fname in weight_map.items()]
 
 
 def _open_safetensors(root: Path | None, files: list[Path], index: Path | None) -> dict[str, TensorInfo]:
@@ -313,11 +302,14 @@ def _open_pickle(files: list[Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format of torch>=1.6; the older tar/pickle stream loads into memory instead
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
         except Exception as e:  # torch raises many types for a bad pickle; all mean the same to the user
-            raise CheckpointError(f"{file}: cannot load pickled weights safely ({type(e).__name__}: {e})") from None
-        for name, t in state.items():
-            out[name] = t
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{file}: cannot load pickled weights safely ({type(e).__name__}: {first})") from None
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise CheckpointError(f"{file}: pickled weights are not a state dict (a mapping of names to tensors)")
+        out.update({str(name): t for name, t in state.items()})
     return out
 
 
