@@ -145,7 +145,8 @@ def _safe_open_accepts(p: Path) -> bool:
 T8 = '"dtype":"F32","shape":[2],"data_offsets":[0,8]'
 HEADER_CASES = [  # (id, header, data, the reader's message after "<file>: ")
     ("overlap", '{"a":{%s},"b":{%s}}' % (T8, T8), b"\0" * 8,
-     "corrupt safetensors header (tensor 'b': data_offsets [0, 8] overlaps the previous tensor (expected to start at 8))"),
+     "corrupt safetensors header (tensor 'b': data_offsets [0, 8] overlaps the previous tensor "
+     "(expected to start at 8))"),
     ("gap", '{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}', b"\0" * 12,
      "corrupt safetensors header (tensor 'a': data_offsets [4, 12] leaves a gap (expected to start at 0))"),
     ("past_end", '{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', b"\0" * 8,
@@ -167,7 +168,8 @@ HEADER_CASES = [  # (id, header, data, the reader's message after "<file>: ")
      "corrupt safetensors header (tensor 'a': 8 bytes for shape [3] F32 (expected 12))"),
     ("unknown_dtype", '{"a":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8,
      "corrupt safetensors header (tensor 'a': unknown dtype 'F33'; safetensors has BOOL, F4, F6_E2M3, F6_E3M2, U8, "
-     "I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, F8_E5M2FNUZ, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64)"),
+     "I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, F8_E5M2FNUZ, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, "
+     "U64)"),
     ("nested_metadata", '{"__metadata__":{"k":{"x":"y"}},"a":{%s}}' % T8, b"\0" * 8,
      "corrupt safetensors header (__metadata__ is not an object of strings)"),
     ("int_metadata", '{"__metadata__":{"k":1},"a":{%s}}' % T8, b"\0" * 8,
@@ -256,7 +258,8 @@ def test_index_shard_names_must_be_plain_file_names(tmp_path: Path, bad: str) ->
     (b'["weight_map"]', "malformed index; expected a JSON object with a 'weight_map' object"),
     (b'{"weight_map": {"a.weight": 3}}', "shard name '3' is not a string"),
     (b'{"weight_map": {"a.weight": \xff}}', "not UTF-8 (invalid start byte at byte 28)"),
-    (b'{"weight_map": {', "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 17 (char 16))"),
+    (b'{"weight_map": {',
+     "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 17 (char 16))"),
     (b"[" * 100000 + b"]" * 100000, "not valid JSON (nested too deeply)"),
 ])
 def test_malformed_index_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
@@ -298,3 +301,17 @@ def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
     torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickled weights are not a state dict"):
         open_checkpoint(tmp_path, allow_pickle=True)
+
+
+@pytest.mark.parametrize("shape, accepted", [("[0, 4611686018427387904, 2]", False), ("[0, 4611686018427387904, 4]", True),
+                                             ("[0, 18446744073709551615]", False)])
+def test_zero_size_tensors_with_huge_dimensions_follow_torch(tmp_path: Path, shape: str, accepted: bool) -> None:
+    """Found by the fuzzer: torch's stride overflow rule decides these, for safe_open and for the reader alike."""
+    p = _file(tmp_path, '{"a":{"dtype":"F32","shape":%s,"data_offsets":[0,0]}}' % shape)
+    assert _safe_open_accepts(p) == accepted
+    if accepted:
+        with open_checkpoint(p) as ckpt:
+            assert ckpt.get("a").shape == tuple(json.loads(shape))
+    else:
+        with pytest.raises(CheckpointError, match=r"x\.safetensors: corrupt safetensors header \(tensor 'a': "):
+            open_checkpoint(p)

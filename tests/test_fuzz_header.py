@@ -7,7 +7,8 @@ decide like ``safe_open`` (accept / reject), return bit-identical tensors when i
 one-line ``CheckpointError`` naming the file (never another exception) when it rejects. The one intended
 difference: a tensor name that appears twice is always refused (see ``mergekit_safe/io/header.py``).
 
-``MERGEKIT_SAFE_FUZZ_CASES`` (default 3000) sets the number of mutated files; the seed is fixed.
+``MERGEKIT_SAFE_FUZZ_CASES`` (default 3000) sets the number of mutated files and ``MERGEKIT_SAFE_FUZZ_SEED``
+(default 20261201) the seed, so a longer or different run is one environment variable away.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mergekit_safe.errors import CheckpointError
 from mergekit_safe.io.reader import open_checkpoint, read_safetensors_header
 
 CASES = int(os.environ.get("MERGEKIT_SAFE_FUZZ_CASES", "3000"))
+SEED = int(os.environ.get("MERGEKIT_SAFE_FUZZ_SEED", "20261201"))
 # The dtype names safetensors 0.8 lists in its own "unknown variant" error, plus names it does not know.
 ST_DTYPES = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
              "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
@@ -184,7 +186,8 @@ def edit_header(h: dict[str, Any], rng: random.Random) -> Any:
     if kind == 0 and entry["shape"]:  # a shape entry becomes an edge value or a non-integer token
         i = rng.randrange(len(entry["shape"]))
         entry["shape"][i] = rng.choice(EDGE_INTS + [-1, -2, 1.0, 2.5, True, None, "2", Raw("-0"), Raw("1e400"),
-                                                     Raw("Infinity"), Raw("NaN"), Raw("2e0"), Raw("18446744073709551616")])
+                                                     Raw("Infinity"), Raw("NaN"), Raw("2e0"),
+                                                     Raw("18446744073709551616")])
     elif kind == 1:  # a whole new shape
         entry["shape"] = [rng.choice(EDGE_INTS[:6] + [2**32, 2**63 - 1, 2**64 - 1]) for _ in range(rng.randint(0, 4))]
     elif kind == 2:  # a dtype, known or not, or serde's map form
@@ -207,7 +210,8 @@ def edit_header(h: dict[str, Any], rng: random.Random) -> Any:
         else:
             depth = rng.choice([1, 50, 125, 126, 200])
             entry["extra"] = rng.choice([Raw("[" * depth + "]" * depth), Raw("1e400"), Raw("9" * 400), Raw("-0"),
-                                         Raw("1e-400"), Raw('"\\udc00"'), Raw('"\\u0000"'), Raw("18446744073709551616")])
+                                         Raw("1e-400"), Raw('"\\udc00"'), Raw('"\\u0000"'),
+                                         Raw("18446744073709551616")])
     elif kind == 7:  # the array form safetensors also reads
         h[name] = [entry["dtype"], entry["shape"], entry["data_offsets"]] + ([0] if rng.random() < 0.2 else [])
     elif kind == 8:  # a repeated key: tensor name, __metadata__, a field, a metadata key
@@ -220,7 +224,8 @@ def edit_header(h: dict[str, Any], rng: random.Random) -> Any:
         elif which == 2:
             pairs = Pairs((k, Pairs(list(v.items()) + [("shape", v["shape"])]) if k == name else v) for k, v in pairs)
         else:
-            pairs = Pairs([p for p in pairs if p[0] != "__metadata__"] + [("__metadata__", Pairs([("k", "a"), ("k", "b")]))])
+            repeated = Pairs([("k", "a"), ("k", "b")])
+            pairs = Pairs([p for p in pairs if p[0] != "__metadata__"] + [("__metadata__", repeated)])
         return pairs
     elif kind == 9:  # the header is not an object
         return rng.choice([[1, 2], "x", 3, None, []])
@@ -268,7 +273,8 @@ def mutate(blob: bytes, rng: random.Random) -> bytes:
         return bytes(b)
     if kind == 5:  # odd but maybe legal whitespace / junk around the JSON
         text = blob[8:8 + n].rstrip(b" ")
-        text = rng.choice([b" ", b"\t\n\r", b"", b"\x0c"]) + text + rng.choice([b" ", b"\n", b"//", b",", b"\xc2\xa0", b"x"])
+        before = rng.choice([b" ", b"\t\n\r", b"", b"\x0c"])
+        text = before + text + rng.choice([b" ", b"\n", b"//", b",", b"\xc2\xa0", b"x"])
         return assemble(text, blob[8 + n:])
     header, data = split(blob)
     header = edit_header(header, rng)
@@ -278,7 +284,7 @@ def mutate(blob: bytes, rng: random.Random) -> bytes:
 
 
 def test_differential_fuzz_against_safe_open(tmp_path: Path) -> None:
-    rng = random.Random(20261201)
+    rng = random.Random(SEED)
     accepted = 0
     for i in range(CASES):
         base = valid_file(rng, tmp_path / f"base{i % 50}.safetensors") if i < 50 else \

@@ -14,7 +14,8 @@ parsing, and checked against ``safe_open`` by ``tests/test_fuzz_header.py``:
   ``prod(shape) * bits(dtype) / 8`` bytes (no u64 overflow, whole bytes), and the last one ends at the end of
   the file: no truncation, no trailing bytes;
 - what ``safe_open``'s torch loader then refuses is refused here too: a dtype torch has no type for (F6), an
-  F4 tensor whose last dimension is odd, a dimension above ``2**63 - 1``.
+  F4 tensor whose last dimension is odd, a dimension above ``2**63 - 1``, a zero-size shape whose strides
+  overflow torch.
 
 One deliberate difference: a tensor name that appears twice is refused (``safe_open`` keeps the last entry
 and accepts the file when that entry tiles). Two entries for one name mean two readers can see two different
@@ -55,6 +56,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     if attr is not None and name not in _PACKED and hasattr(torch, attr)
 }
 DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_Entry = tuple[str, str, list[int], tuple[int, int]]  # name, safetensors dtype, shape, (begin, end)
+_Placed = tuple[str, str, list[int], int, int]  # the same, validated, in offset order
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def _dtype_name(value: Any) -> str:
     raise ValueError(f"unknown dtype {_short(value)}; safetensors has {', '.join(_DTYPE_TABLE)}")
 
 
-def _tensor(name: str, value: Any) -> tuple[str, str, list[int], tuple[int, int]]:
+def _tensor(name: str, value: Any) -> _Entry:
     dtype, shape, offsets = _fields(value)
     dtype = _dtype_name(dtype)
     if not isinstance(shape, list) or not all(_usize(d) for d in shape):
@@ -183,7 +186,7 @@ def _tensor(name: str, value: Any) -> tuple[str, str, list[int], tuple[int, int]
     return name, dtype, shape, (offsets[0], offsets[1])
 
 
-def _entries(root: Any) -> tuple[list[tuple[str, str, list[int], tuple[int, int]]], dict[str, str]]:
+def _entries(root: Any) -> tuple[list[_Entry], dict[str, str]]:
     """Tensor entries and metadata from the parsed header; raises ValueError naming the problem."""
     if not isinstance(root, _Obj):
         raise ValueError("the header is not a JSON object")
@@ -191,7 +194,8 @@ def _entries(root: Any) -> tuple[list[tuple[str, str, list[int], tuple[int, int]
     tensors, meta = [], {}
     for key, value in root:
         if key in seen:
-            raise ValueError(f"{_short(key)} appears twice" + ("" if key == "__metadata__" else " (duplicated tensor name)"))
+            what = "" if key == "__metadata__" else " (duplicated tensor name)"
+            raise ValueError(f"{_short(key)} appears twice{what}")
         seen.add(key)
         if key == "__metadata__":
             if value is not None and not (isinstance(value, _Obj) and all(isinstance(v, str) for _, v in value)):
@@ -205,14 +209,16 @@ def _entries(root: Any) -> tuple[list[tuple[str, str, list[int], tuple[int, int]
     return tensors, meta
 
 
-def _layout(entries: list[tuple[str, str, list[int], tuple[int, int]]]) -> tuple[list[tuple[str, str, list[int], int, int]], int]:
+def _layout(entries: list[_Entry]) -> tuple[list[_Placed], int]:
     """Check that the tensors tile the data section; returns them in offset order and the data length."""
     ordered = sorted(entries, key=lambda e: e[3])
     start, out = 0, []
     for name, dtype, shape, (begin, end) in ordered:
         if begin != start or end < begin:
-            where = "overlaps the previous tensor" if begin < start else "leaves a gap" if begin > start else "ends before it starts"
-            raise ValueError(f"tensor {_short(name)}: data_offsets [{begin}, {end}] {where} (expected to start at {start})")
+            where = ("overlaps the previous tensor" if begin < start else "leaves a gap" if begin > start
+                     else "ends before it starts")
+            raise ValueError(f"tensor {_short(name)}: data_offsets [{begin}, {end}] {where} "
+                             f"(expected to start at {start})")
         start = end
         numel = 1
         for d in shape:
@@ -225,7 +231,8 @@ def _layout(entries: list[tuple[str, str, list[int], tuple[int, int]]]) -> tuple
         if bits % 8:
             raise ValueError(f"tensor {_short(name)}: shape {_short(shape)} {dtype} does not fill whole bytes")
         if end - begin != bits // 8:
-            raise ValueError(f"tensor {_short(name)}: {end - begin} bytes for shape {_short(shape)} {dtype} (expected {bits // 8})")
+            raise ValueError(f"tensor {_short(name)}: {end - begin} bytes for shape {_short(shape)} {dtype} "
+                             f"(expected {bits // 8})")
         out.append((name, dtype, shape, begin, end))
     return out, start
 
@@ -235,14 +242,23 @@ def _torch_entry(name: str, dtype: str, shape: list[int], start: int, nbytes: in
     attr = _DTYPE_TABLE[dtype][1]
     if attr is None or not hasattr(torch, attr):
         raise ValueError(f"tensor {_short(name)}: dtype {dtype} has no torch equivalent")
-    if any(d > _I64_MAX for d in shape):
-        raise ValueError(f"tensor {_short(name)}: shape {_short(shape)} has a dimension above 2**63 - 1")
     per_byte = _PACKED.get(dtype)
     if per_byte is not None:
         if not shape or shape[-1] % per_byte:
             raise ValueError(f"tensor {_short(name)}: {dtype} needs a last dimension divisible by {per_byte}")
         shape = shape[:-1] + [shape[-1] // per_byte]
-    return HeaderEntry(name, getattr(torch, attr), tuple(shape), start, nbytes)
+    if any(d > _I64_MAX for d in shape):
+        raise ValueError(f"tensor {_short(name)}: shape {_short(shape)} has a dimension above 2**63 - 1")
+    dtype_t = getattr(torch, attr)
+    if nbytes == 0:
+        # Only a zero-size tensor can have huge dimensions (a non-empty one is bounded by the file size), and
+        # torch's stride overflow rules are its own: ask it, with the reshape safe_open also does. No memory.
+        try:
+            torch.empty(0, dtype=dtype_t).reshape(shape)
+        except RuntimeError as e:
+            reason = str(e).splitlines()[0]
+            raise ValueError(f"tensor {_short(name)}: torch cannot make shape {_short(shape)} ({reason})") from None
+    return HeaderEntry(name, dtype_t, tuple(shape), start, nbytes)
 
 
 def read_header(path: Path) -> tuple[list[HeaderEntry], dict[str, str]]:
@@ -278,7 +294,8 @@ def read_header(path: Path) -> tuple[list[HeaderEntry], dict[str, str]]:
         ordered, data_len = _layout(entries)
         infos = [_torch_entry(n, d, s, 8 + hlen + b, e - b) for n, d, s, b, e in ordered]
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason} at byte {8 + e.start})") from None
+        where = f"{e.reason} at byte {8 + e.start}"
+        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8: {where})") from None
     except ValueError as e:  # json.JSONDecodeError and _BadJson are ValueErrors too
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     end = 8 + hlen + data_len

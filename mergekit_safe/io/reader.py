@@ -4,7 +4,21 @@ Safetensors files are parsed here (an 8-byte header length, a JSON header, raw l
 memory-mapped copy-on-write, so a tensor is a zero-copy view of the page cache and inputs can never be
 modified. :meth:`Checkpoint.release` drops a tensor's pages from this process once the engine is done with
 them, which is what keeps peak RSS flat however large the model is. Pickled ``.bin`` weights are refused
-unless the caller opts in, and then loaded with ``torch.load(weights_only=True)``.
+unless the caller opts in, and then loaded with ``torch.load(weights_only=True)`` (zip or legacy format).
+
+What is read, and nothing else:
+
+- Headers are validated by :mod:`mergekit_safe.io.header`: a file ``safetensors.safe_open`` refuses is
+  refused here with one line naming the file and the problem, and a file it accepts is read identically
+  (one stricter case: a tensor name given twice).
+- Reads stay in the folder the user named. Every file name in ``model.safetensors.index.json`` (and
+  ``pytorch_model.bin.index.json``) must be a plain file name: no ``/`` or ``\\``, no ``..`` or ``.``, no
+  absolute path, no drive letter or ``:``, no NUL. The *names* are confined, not the targets: a shard that
+  is a symlink is followed, because the Hugging Face cache stores ``snapshots/<rev>/x.safetensors`` as a link
+  to ``../../blobs/<sha>``. The other files read are fixed names in the folder (config, adapter files);
+  paths written inside them (an adapter's ``base_model_name_or_path``) are never followed.
+- A JSON side file that is not UTF-8, not JSON, nested too deeply or of the wrong shape is a one-line
+  :class:`~mergekit_safe.errors.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import torch
 
 from mergekit_safe.errors import CheckpointError
 # The dtype tables live with the header parser; re-exported here for the writer and older imports.
-from mergekit_safe.io.header import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, parse_json_strict, read_header  # noqa: F401
+from mergekit_safe.io.header import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, read_header  # noqa: F401
 
 
 SAFE_INDEX = "model.safetensors.index.json"
