@@ -278,3 +278,20 @@ def test_eval_without_a_tokenizer_is_one_complete_line(eval_model: Path, tmp_pat
         f"Error: {bare}: no tokenizer files (none of tokenizer.json, tokenizer.model, tokenizer_config.json, "
         "vocab.json, vocab.txt, spiece.model, sentencepiece.bpe.model); copy the tokenizer files of the model it "
         "was fine-tuned from into this folder")
+
+
+@pytest.mark.parametrize("dtype, shape, nbytes", [("F4", [2, 4], 4), ("C64", [1], 8), ("U16", [2], 4)])
+def test_readable_but_unmergeable_dtype_is_one_line(tmp_path: Path, dtype: str, shape: list[int], nbytes: int) -> None:
+    """safe_open reads these (so the reader does), but the merge math has no meaning for them."""
+    import struct
+
+    files = []
+    for name in ("a", "b"):
+        header = json.dumps({"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+        files.append(tmp_path / f"{name}.safetensors")
+        files[-1].write_bytes(struct.pack("<Q", len(header)) + header + bytes(range(nbytes)))
+    want = (f"Error: {files[0]}: tensor 'w' has dtype {dtype}, which mergekit-safe does not merge (it merges F64, "
+            "F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2)")
+    assert fails(*merge_args(files[0], files[1], tmp_path / "out")) == want
+    assert fails("inspect", files[0], files[1]) == want
+    no_leftovers(tmp_path)

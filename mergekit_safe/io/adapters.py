@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-from mergekit_safe.io.reader import ADAPTER_CONFIG, Checkpoint, TensorInfo, is_adapter, load_json_file, open_checkpoint
+from mergekit_safe.io.header import dtype_name
+from mergekit_safe.io.reader import (
+    ADAPTER_CONFIG,
+    MERGE_DTYPES,
+    Checkpoint,
+    TensorInfo,
+    is_adapter,
+    load_json_file,
+    open_checkpoint,
+)
 from mergekit_safe.errors import CheckpointError
 
 _PREFIX = "base_model.model."
@@ -43,7 +52,7 @@ class AdapterCheckpoint:
     def __init__(self, adapter_dir: Path, base: Checkpoint) -> None:
         self.path = adapter_dir
         self.base = base
-        self.adapter = open_checkpoint(adapter_dir)
+        self.adapter = _mergeable(open_checkpoint(adapter_dir))
         cfg_path = adapter_dir / ADAPTER_CONFIG
         self.adapter_config: dict[str, Any] = _adapter_config(adapter_dir)
         cfg = self.adapter_config
@@ -151,6 +160,22 @@ class AdapterCheckpoint:
         self.base.close()
 
 
+def _mergeable(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` itself, once every tensor has a dtype the merge math handles (see ``MERGE_DTYPES``).
+
+    Raises:
+        CheckpointError: naming the first tensor of another dtype (the checkpoint is closed).
+    """
+    for name in ckpt.keys():
+        info = ckpt.info(name)
+        kind = dtype_name(info.dtype)
+        if kind not in MERGE_DTYPES:
+            ckpt.close()
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {kind}, which mergekit-safe does not "
+                                  f"merge (it merges {', '.join(MERGE_DTYPES)})")
+    return ckpt
+
+
 def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """``adapter_config.json`` as a dict; any defect is one line naming the file."""
     cfg = load_json_file(adapter_dir / ADAPTER_CONFIG)
@@ -170,14 +195,15 @@ def open_input(
     machine. The adapter's own files are fixed names inside its folder.
 
     Raises:
-        CheckpointError: an adapter with no base given, or a base the adapter does not fit.
+        CheckpointError: an adapter with no base given, a base the adapter does not fit, or a tensor of a
+            dtype outside ``MERGE_DTYPES``.
     """
     p = Path(path)
     if not is_adapter(p):
-        return open_checkpoint(p, allow_pickle=allow_pickle)
+        return _mergeable(open_checkpoint(p, allow_pickle=allow_pickle))
     if base is None or Path(base) == p:
         named = _adapter_config(p).get("base_model_name_or_path")
         raise CheckpointError(f"{p}: a LoRA adapter needs its base model on disk, given explicitly (--base / "
                               f"base_model); adapter_config.json names {str(named)[:200]!r}, but paths written "
                               "inside model files are not followed")
-    return AdapterCheckpoint(p, open_checkpoint(base, allow_pickle=allow_pickle))
+    return AdapterCheckpoint(p, _mergeable(open_checkpoint(base, allow_pickle=allow_pickle)))

@@ -56,6 +56,15 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     if attr is not None and name not in _PACKED and hasattr(torch, attr)
 }
 DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype the reader returns (``F4`` for packed float4), else torch's name."""
+    if dtype == getattr(torch, "float4_e2m1fn_x2", None):
+        return "F4"
+    return DTYPE_TO_SAFETENSORS.get(dtype, str(dtype).removeprefix("torch."))
+
+
 _Entry = tuple[str, str, list[int], tuple[int, int]]  # name, safetensors dtype, shape, (begin, end)
 _Placed = tuple[str, str, list[int], int, int]  # the same, validated, in offset order
 

@@ -50,6 +50,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # A fine-tune with tied embeddings stores no lm_head; these are the names it is tied to.
 TIED_ALIASES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
 _PAGE = mmap.PAGESIZE
+# What merge, inspect and repair compute with. The reader itself reads every dtype safe_open reads; inputs
+# to those commands are checked against this list (io.adapters.open_input), since torch has no arithmetic for
+# packed F4 and would silently drop the imaginary part of C64.
+MERGE_DTYPES: tuple[str, ...] = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3",
+                                 "F8_E5M2")
 
 
 @dataclass(frozen=True)
