@@ -152,14 +152,16 @@ def test_disk_full_leaves_nothing(pair: tuple[Path, Path], tmp_path: Path, monke
     no_leftovers(tmp_path)
 
 
-def test_pickle_is_refused_unless_allowed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickle_is_refused_unless_allowed(tmp_path: Path, zip_format: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     a, b = save_tiny_pair(tmp_path / "in", seed=5)
-    # the layout of older transformers releases: config.json + pytorch_model.bin
+    # the layout of older transformers releases: config.json + pytorch_model.bin (legacy: torch < 1.6's format)
     (tmp_path / "pickled").mkdir()
     shutil.copy(b / "config.json", tmp_path / "pickled" / "config.json")
-    torch.save(AutoModelForCausalLM.from_pretrained(b).state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    torch.save(AutoModelForCausalLM.from_pretrained(b).state_dict(), tmp_path / "pickled" / "pytorch_model.bin",
+               _use_new_zipfile_serialization=zip_format)
     line = fails(*merge_args(a, tmp_path / "pickled", tmp_path / "out"))
     assert line == (f"Error: {tmp_path / 'pickled' / 'pytorch_model.bin'}: pickled weights can run code when "
                     "loaded; convert to safetensors, or pass --allow-pickle to load them with "
@@ -226,3 +228,73 @@ def test_index_pointing_at_a_missing_shard(tmp_path: Path) -> None:
     (b / victim).unlink()
     assert fails(*merge_args(a, b, tmp_path / "out")) == (
         f"Error: {b / 'model.safetensors.index.json'}: shard {victim} is missing")
+
+
+@pytest.mark.parametrize("shard", ["../a/model.safetensors", "/etc/hostname", "sub/model-00001-of-00002.safetensors"])
+def test_index_naming_a_file_outside_the_folder_is_refused(tmp_path: Path, shard: str) -> None:
+    a, b = save_tiny_pair(tmp_path / "in", seed=6, max_shard_size="40KB")
+    index = b / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = shard
+    index.write_text(json.dumps(data))
+    assert fails(*merge_args(a, b, tmp_path / "out")) == (
+        f"Error: {index}: shard name {shard!r} is not a plain file name inside {b} "
+        "(no folders, '..', absolute paths, drive letters or NUL)")
+    no_leftovers(tmp_path)
+
+
+def test_config_that_is_not_utf8_is_one_line(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(pair[1], broken)
+    (broken / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    assert fails(*merge_args(pair[0], broken, tmp_path / "out")) == (
+        f"Error: {broken / 'config.json'}: not UTF-8 (invalid start byte at byte 16)")
+
+
+@pytest.fixture(scope="module")
+def eval_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mergekit_safe.eval.toy import toy_llama, toy_tokenizer
+
+    d = tmp_path_factory.mktemp("eval_model")
+    tok = toy_tokenizer(["I cannot help with that.", "Sure, here is how you do it."], vocab_size=300)
+    toy_llama(tok, hidden=32, layers=2, seed=0).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_eval_on_a_truncated_checkpoint_is_one_line(eval_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(eval_model, broken)
+    f = broken / "model.safetensors"
+    size = f.stat().st_size
+    os.truncate(f, size - 100)
+    line = fails("eval", broken, "--limit", "2", "--max-new-tokens", "2")
+    assert line.startswith(f"Error: {f}: truncated: tensor ") and line.endswith(f"but the file has {size - 100}")
+
+
+def test_eval_without_a_tokenizer_is_one_complete_line(eval_model: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(eval_model / name, bare / name)
+    assert fails("eval", bare, "--limit", "2", "--max-new-tokens", "2") == (
+        f"Error: {bare}: no tokenizer files (none of tokenizer.json, tokenizer.model, tokenizer_config.json, "
+        "vocab.json, vocab.txt, spiece.model, sentencepiece.bpe.model); copy the tokenizer files of the model it "
+        "was fine-tuned from into this folder")
+
+
+@pytest.mark.parametrize("dtype, shape, nbytes", [("F4", [2, 4], 4), ("C64", [1], 8), ("U16", [2], 4)])
+def test_readable_but_unmergeable_dtype_is_one_line(tmp_path: Path, dtype: str, shape: list[int], nbytes: int) -> None:
+    """safe_open reads these (so the reader does), but the merge math has no meaning for them."""
+    import struct
+
+    files = []
+    for name in ("a", "b"):
+        header = json.dumps({"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+        files.append(tmp_path / f"{name}.safetensors")
+        files[-1].write_bytes(struct.pack("<Q", len(header)) + header + bytes(range(nbytes)))
+    want = (f"Error: {files[0]}: tensor 'w' has dtype {dtype}, which mergekit-safe does not merge (it merges F64, "
+            "F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2)")
+    assert fails(*merge_args(files[0], files[1], tmp_path / "out")) == want
+    assert fails("inspect", files[0], files[1]) == want
+    no_leftovers(tmp_path)

@@ -199,6 +199,35 @@ def _decode(tokenizer: Any, toks: list[int], stops: Sequence[int]) -> Generation
     return Generation(text.strip(), n)
 
 
+# Any one of these makes a folder loadable by AutoTokenizer (fast file, sentencepiece model, BPE/WordPiece vocab).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _one_line(e: BaseException) -> str:
+    """The whole message of a library error on one line (transformers' messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_model_folder(path: Path) -> None:
+    """Refuse, before the slow load, what would otherwise surface as a library traceback.
+
+    Raises:
+        EvalError: no folder, no safetensors weights, or no tokenizer files.
+        CheckpointError: a weight file or index the reader refuses (truncated, corrupt, escaping shard names).
+    """
+    from mergekit_safe.io.reader import open_checkpoint
+
+    if not path.is_dir():
+        raise EvalError(f"{path}: model directory not found")
+    if not any(path.glob("*.safetensors")):
+        raise EvalError(f"{path}: no *.safetensors weights; only safetensors checkpoints are loaded")
+    open_checkpoint(path).close()  # validates every header exactly as safe_open would, without reading data
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise EvalError(f"{path}: no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); copy the tokenizer "
+                        "files of the model it was fine-tuned from into this folder")
+
+
 def load_model(
     path: str | Path,
     *,
@@ -208,8 +237,11 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a local directory, safetensors weights only.
 
+    The weights go through :mod:`mergekit_safe.io.reader`'s validation first, so a truncated or corrupt file
+    is one line naming it rather than a traceback from deep inside ``transformers``.
+
     Args:
-        path: a Hugging Face model directory with ``*.safetensors`` weights.
+        path: a Hugging Face model directory with ``*.safetensors`` weights and tokenizer files.
         dtype: ``auto`` (the checkpoint's dtype on CUDA, float32 on CPU), float32, bfloat16, float16, float64.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         trust_remote_code: run the checkpoint's own Python code; off unless the user asks.
@@ -218,30 +250,33 @@ def load_model(
         ``(model, tokenizer)`` with the model in eval mode and the tokenizer padding on the left.
 
     Raises:
-        EvalError: the directory is missing, has no safetensors weights, or the dtype/device is unknown.
+        EvalError: the directory is missing, has no safetensors weights or tokenizer, the dtype/device is
+            unknown, or transformers cannot load it (its whole message, on one line).
+        CheckpointError: a weight file is truncated or corrupt, or the index names files outside the folder.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not path.is_dir():
-        raise EvalError(f"{path}: model directory not found")
-    if not any(path.glob("*.safetensors")):
-        raise EvalError(f"{path}: no *.safetensors weights; only safetensors checkpoints are loaded")
     if dtype != "auto" and dtype not in DTYPES:
         raise EvalError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     try:
         device = str(resolve_device(device))  # the package's one device rule
     except KernelError as e:
         raise EvalError(str(e)) from None
+    _check_model_folder(path)
     # CPU matmuls in half precision are slow and lossy; auto means float32 there.
     torch_dtype: Any = DTYPES[dtype] if dtype != "auto" else ("auto" if device.startswith("cuda") else torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise EvalError(f"{path}: cannot load the tokenizer: {_one_line(e)}") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        raise EvalError(f"{path}: cannot load model: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise EvalError(f"{path}: cannot load the model: {_one_line(e)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -7,7 +7,6 @@ and the repair search take an adapter wherever they take a full checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,7 +14,16 @@ from typing import Any
 
 import torch
 
-from mergekit_safe.io.reader import ADAPTER_CONFIG, Checkpoint, TensorInfo, is_adapter, open_checkpoint
+from mergekit_safe.io.dtypes import dtype_name
+from mergekit_safe.io.reader import (
+    ADAPTER_CONFIG,
+    MERGE_DTYPES,
+    Checkpoint,
+    TensorInfo,
+    is_adapter,
+    load_json_file,
+    open_checkpoint,
+)
 from mergekit_safe.io.source import TensorSource
 from mergekit_safe.errors import CheckpointError
 
@@ -45,12 +53,9 @@ class AdapterCheckpoint:
     def __init__(self, adapter_dir: Path, base: Checkpoint) -> None:
         self.path = adapter_dir
         self.base = base
-        self.adapter = open_checkpoint(adapter_dir)
+        self.adapter = _mergeable(open_checkpoint(adapter_dir))
         cfg_path = adapter_dir / ADAPTER_CONFIG
-        try:
-            self.adapter_config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.adapter_config: dict[str, Any] = _adapter_config(adapter_dir)
         cfg = self.adapter_config
         if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
             raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
@@ -162,25 +167,50 @@ class AdapterCheckpoint:
         self.close()
 
 
+def _mergeable(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` itself, once every tensor has a dtype the merge math handles (see ``MERGE_DTYPES``).
+
+    Raises:
+        CheckpointError: naming the first tensor of another dtype (the checkpoint is closed).
+    """
+    for name in ckpt.keys():
+        info = ckpt.info(name)
+        kind = dtype_name(info.dtype)
+        if kind not in MERGE_DTYPES:
+            ckpt.close()
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {kind}, which mergekit-safe does not "
+                                  f"merge (it merges {', '.join(MERGE_DTYPES)})")
+    return ckpt
+
+
+def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict; any defect is one line naming the file."""
+    cfg = load_json_file(adapter_dir / ADAPTER_CONFIG)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: not a JSON object")
+    return cfg
+
+
 def open_input(
     path: str | Path, *, base: str | Path | None = None, allow_pickle: bool = False
 ) -> TensorSource:
     """Open a merge input: a checkpoint, or a LoRA adapter applied to ``base`` (both a :class:`TensorSource`).
 
-    An adapter folder names its base in ``adapter_config.json``; the recipe's base model is used instead when
-    given, since that is the copy the user has on disk.
+    An adapter is applied to the base the caller gives (the recipe's base model, ``--base``). The
+    ``base_model_name_or_path`` written inside ``adapter_config.json`` is never followed: reads stay inside
+    the paths the user named, and a downloaded adapter cannot point the tool at another folder on the
+    machine. The adapter's own files are fixed names inside its folder.
 
     Raises:
-        CheckpointError: an adapter with no base to apply it to, or a base the adapter does not fit.
+        CheckpointError: an adapter with no base given, a base the adapter does not fit, or a tensor of a
+            dtype outside ``MERGE_DTYPES``.
     """
     p = Path(path)
     if not is_adapter(p):
-        return open_checkpoint(p, allow_pickle=allow_pickle)
-    base_path = base
-    if base_path is None or Path(base_path) == p:
-        cfg = json.loads((p / ADAPTER_CONFIG).read_text())
-        base_path = cfg.get("base_model_name_or_path")
-        if not base_path or not Path(base_path).exists():
-            raise CheckpointError(f"{p}: a LoRA adapter needs its base model on disk (give --base / base_model; "
-                                  f"adapter_config names {base_path!r})")
-    return AdapterCheckpoint(p, open_checkpoint(base_path, allow_pickle=allow_pickle))
+        return _mergeable(open_checkpoint(p, allow_pickle=allow_pickle))
+    if base is None or Path(base) == p:
+        named = _adapter_config(p).get("base_model_name_or_path")
+        raise CheckpointError(f"{p}: a LoRA adapter needs its base model on disk, given explicitly (--base / "
+                              f"base_model); adapter_config.json names {str(named)[:200]!r}, but paths written "
+                              "inside model files are not followed")
+    return AdapterCheckpoint(p, _mergeable(open_checkpoint(base, allow_pickle=allow_pickle)))

@@ -4,7 +4,21 @@ Safetensors files are parsed here (an 8-byte header length, a JSON header, raw l
 memory-mapped copy-on-write, so a tensor is a zero-copy view of the page cache and inputs can never be
 modified. :meth:`Checkpoint.release` drops a tensor's pages from this process once the engine is done with
 them, which is what keeps peak RSS flat however large the model is. Pickled ``.bin`` weights are refused
-unless the caller opts in, and then loaded with ``torch.load(weights_only=True)``.
+unless the caller opts in, and then loaded with ``torch.load(weights_only=True)`` (zip or legacy format).
+
+What is read, and nothing else:
+
+- Headers are validated by :mod:`mergekit_safe.io.header`: a file ``safetensors.safe_open`` refuses is
+  refused here with one line naming the file and the problem, and a file it accepts is read identically
+  (one stricter case: a tensor name given twice).
+- Reads stay in the folder the user named. Every file name in ``model.safetensors.index.json`` (and
+  ``pytorch_model.bin.index.json``) must be a plain file name: no ``/`` or ``\\``, no ``..`` or ``.``, no
+  absolute path, no drive letter or ``:``, no NUL. The *names* are confined, not the targets: a shard that
+  is a symlink is followed, because the Hugging Face cache stores ``snapshots/<rev>/x.safetensors`` as a link
+  to ``../../blobs/<sha>``. The other files read are fixed names in the folder (config, adapter files);
+  paths written inside them (an adapter's ``base_model_name_or_path``) are never followed.
+- A JSON side file that is not UTF-8, not JSON, nested too deeply or of the wrong shape is a one-line
+  :class:`~mergekit_safe.errors.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -14,7 +28,7 @@ import math
 import mmap
 import os
 import re
-import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +37,8 @@ from typing import Any
 import torch
 
 from mergekit_safe.errors import CheckpointError
-from mergekit_safe.io.dtypes import SAFETENSORS_DTYPES
+from mergekit_safe.io.dtypes import SAFETENSORS_DTYPES  # noqa: F401  (re-exported for older imports)
+from mergekit_safe.io.header import read_header
 
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -35,7 +50,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # A fine-tune with tied embeddings stores no lm_head; these are the names it is tied to.
 TIED_ALIASES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
 _PAGE = mmap.PAGESIZE
-_MAX_HEADER = 100 * 1024 * 1024
+# What merge, inspect and repair compute with. The reader itself reads every dtype safe_open reads; inputs
+# to those commands are checked against this list (io.adapters.open_input), since torch has no arithmetic for
+# packed F4 and would silently drop the imaginary part of C64.
+MERGE_DTYPES: tuple[str, ...] = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3",
+                                 "F8_E5M2")
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,9 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors file's header without reading its data.
 
+    The file is accepted exactly when ``safetensors.safe_open`` accepts it (see
+    :mod:`mergekit_safe.io.header` for the rules and the one stricter case, duplicated tensor names).
+
     Args:
         path: a ``.safetensors`` file.
 
@@ -73,49 +95,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         ``(tensors, metadata)``: tensor infos in data-offset order and the ``__metadata__`` map.
 
     Raises:
-        CheckpointError: the file is missing, truncated, or its header is malformed or inconsistent.
+        CheckpointError: the file is missing, truncated, has trailing bytes, or its header is malformed.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (hlen,) = struct.unpack("<Q", raw)
-            if hlen > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: corrupt safetensors header (claims {hlen} bytes, file has {size})")
-            header = json.loads(f.read(hlen))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    data_start = 8 + hlen
-    infos = []
-    for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except KeyError as e:
-            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or missing field {e}") from None
-        except (TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} {entry['dtype']} "
-                f"(expected {expected})"
-            )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}"
-            )
-        infos.append(TensorInfo(name, shape, dtype, path, data_start + begin, expected))
-    infos.sort(key=lambda i: i.start)
-    return {i.name: i for i in infos}, {str(k): str(v) for k, v in meta.items()}
+    entries, meta = read_header(path)
+    return {e.name: TensorInfo(e.name, e.shape, e.dtype, path, e.start, e.nbytes) for e in entries}, meta
 
 
 def _checkpoint_step(path: Path) -> tuple[int, str]:
@@ -155,10 +138,9 @@ class Checkpoint:
         self._memory: dict[str, torch.Tensor] = {}
         self.config: dict[str, Any] | None = None
         if root is not None and (root / "config.json").is_file():
-            try:
-                self.config = json.loads((root / "config.json").read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{root / 'config.json'}: not valid JSON ({e})") from None
+            self.config = load_json_file(root / "config.json")
+            if not isinstance(self.config, dict):
+                raise CheckpointError(f"{root / 'config.json'}: not a JSON object")
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self._tensors)} tensors)"
@@ -230,7 +212,9 @@ class Checkpoint:
             return t if stop is None else t.reshape(-1)[start:stop]
         count = info.numel - start if stop is None else stop - start
         if count == 0:
-            return torch.empty(info.shape if stop is None else (0,), dtype=info.dtype)
+            # reshape, not empty(shape): a zero-size tensor may have dimensions whose strides overflow int64
+            empty = torch.empty(0, dtype=info.dtype)
+            return empty.reshape(info.shape) if stop is None else empty
         try:
             flat = torch.frombuffer(
                 self._map(info.file), dtype=info.dtype, count=count, offset=info.start + start * info.dtype.itemsize
@@ -272,12 +256,50 @@ class Checkpoint:
             yield name, self.get(name)
 
 
-def _load_index(index: Path) -> list[tuple[str, Path]]:
+def load_json_file(path: Path) -> Any:
+    """A JSON side file (index, config, adapter config), every failure as one line naming the file.
+
+    Raises:
+        CheckpointError: unreadable, not UTF-8, not JSON, or nested too deep for the parser.
+    """
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: malformed index ({e!r}); expected a 'weight_map' object") from None
-    return [(name, index.parent / fname) for name, fname in weight_map.items()]
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and int() refusing a number with too many digits
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# A shard name is one plain file name: no folder separators (either OS's), no drive letter or NTFS stream
+# (':'), no NUL, not '.' or '..'. Symlinks with such a name are still followed (the Hugging Face cache links
+# snapshots/<rev>/x.safetensors to ../../blobs/<sha>): the user chose the folder, and with it its links.
+_NOT_PLAIN = re.compile(r"[/\\:\x00]")
+
+
+def confined_file(listing: Path, name: object) -> Path:
+    """The file ``name`` inside the folder of ``listing`` (an index), refusing names that leave it.
+
+    Raises:
+        CheckpointError: ``name`` is not a string or not a plain file name.
+    """
+    if not isinstance(name, str):
+        raise CheckpointError(f"{listing}: shard name {str(name)[:80]!r} is not a string")
+    if name in ("", ".", "..") or _NOT_PLAIN.search(name):
+        raise CheckpointError(f"{listing}: shard name {name[:80]!r} is not a plain file name inside "
+                              f"{listing.parent} (no folders, '..', absolute paths, drive letters or NUL)")
+    return listing.parent / name
+
+
+def _load_index(index: Path) -> list[tuple[str, Path]]:
+    data = load_json_file(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: malformed index; expected a JSON object with a 'weight_map' object")
+    return [(name, confined_file(index, fname)) for name, fname in weight_map.items()]
 
 
 def _open_safetensors(root: Path | None, files: list[Path], index: Path | None) -> dict[str, TensorInfo]:
@@ -299,11 +321,14 @@ def _open_pickle(files: list[Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format of torch>=1.6; the older tar/pickle stream loads into memory instead
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
         except Exception as e:  # torch raises many types for a bad pickle; all mean the same to the user
-            raise CheckpointError(f"{file}: cannot load pickled weights safely ({type(e).__name__}: {e})") from None
-        for name, t in state.items():
-            out[name] = t
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{file}: cannot load pickled weights safely ({type(e).__name__}: {first})") from None
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise CheckpointError(f"{file}: pickled weights are not a state dict (a mapping of names to tensors)")
+        out.update({str(name): t for name, t in state.items()})
     return out
 
 
