@@ -253,7 +253,7 @@ def test_config_that_is_not_utf8_is_one_line(pair: tuple[Path, Path], tmp_path: 
 
 @pytest.fixture(scope="module")
 def eval_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mergekit_safe.eval.toy import toy_llama, toy_tokenizer
+    from mergekit_safe.tiny import toy_llama, toy_tokenizer
 
     d = tmp_path_factory.mktemp("eval_model")
     tok = toy_tokenizer(["I cannot help with that.", "Sure, here is how you do it."], vocab_size=300)
