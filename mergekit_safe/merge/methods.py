@@ -62,7 +62,7 @@ class Param:
         low = -MAX_ABS_VALUE if self.low is None else self.low
         high = MAX_ABS_VALUE if self.high is None else self.high
         if value < low or value > high:
-            return f"{where}: {self.name}={short_repr(value)} is outside [{low:g}, {high:g}]"
+            return f"{where}: {self.name}={short_repr(value)} is outside [{low}, {high}]"
         return None
 
 
@@ -71,6 +71,11 @@ def _finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (a user's path or name in an error message)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def short_repr(value: object, limit: int = 200) -> str:
