@@ -127,11 +127,15 @@ def dare(
     out_dtype: torch.dtype | None = None,
     *,
     out: torch.Tensor | None = None,
+    index_offset: int = 0,
 ) -> torch.Tensor:
-    """DARE drop-and-rescale with a counter-based mask; see :func:`reference.dare`."""
+    """DARE drop-and-rescale with a counter-based mask; see :func:`reference.dare`.
+
+    ``index_offset`` is the global index of ``delta``'s first element (a slice of a larger tensor).
+    """
     if _use_triton("dare", [delta, *([out] if out is not None else [])], out_dtype):
-        return kernel_module("dare").dare(delta, p, seed, tid, rescale, out_dtype, out=out)
-    return _into(out, reference.dare(delta, p, seed, tid, rescale, out_dtype))
+        return kernel_module("dare").dare(delta, p, seed, tid, rescale, out_dtype, out=out, index_offset=index_offset)
+    return _into(out, reference.dare(delta, p, seed, tid, rescale, out_dtype, index_offset))
 
 
 def ties(

@@ -83,25 +83,33 @@ def dare_threshold(p: float) -> int:
     return min(int(math.floor(p * 2.0**32)), _M32)
 
 
-def dare_keep_mask(numel: int, p: float, seed: int, tid: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def dare_keep_mask(
+    numel: int, p: float, seed: int, tid: int, device: torch.device | str = "cpu", index_offset: int = 0
+) -> torch.Tensor:
     """Boolean keep mask of DARE, a pure function of (seed, tensor id, element index).
+
+    ``index_offset`` is the global index of the first element, for a tensor processed in slices.
 
     Element ``i`` is kept when ``fmix32(fmix32(lo(i) ^ key) ^ hi(i)) >= floor(p * 2**32)``, with
     ``key = dare_key(seed, tid)``. Being counter-based, the mask does not depend on block sizes, launch order
     or device, and the Triton kernel reproduces it bit for bit.
     """
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    idx = torch.arange(index_offset, index_offset + numel, dtype=torch.int64, device=device)
     h = _fmix32((idx & _M32) ^ dare_key(seed, tid))
     h = _fmix32(h ^ (idx >> 32))
     return h >= dare_threshold(p)
 
 
 def dare(
-    delta: torch.Tensor, p: float, seed: int, tid: int, rescale: bool = True, out_dtype: torch.dtype | None = None
+    delta: torch.Tensor, p: float, seed: int, tid: int, rescale: bool = True, out_dtype: torch.dtype | None = None,
+    index_offset: int = 0,
 ) -> torch.Tensor:
-    """DARE: drop each element of ``delta`` with probability ``p``, rescale survivors by ``1/(1-p)``."""
+    """DARE: drop each element of ``delta`` with probability ``p``, rescale survivors by ``1/(1-p)``.
+
+    ``index_offset``: global index of ``delta``'s first element when a tensor is processed in slices.
+    """
     cd = compute_dtype(delta)
-    keep = dare_keep_mask(delta.numel(), p, seed, tid, delta.device).view(delta.shape)
+    keep = dare_keep_mask(delta.numel(), p, seed, tid, delta.device, index_offset).view(delta.shape)
     scale = 1.0 / (1.0 - p) if rescale else 1.0
     return torch.where(keep, delta.to(cd) * scale, torch.zeros((), dtype=cd, device=delta.device)).to(
         out_dtype or delta.dtype

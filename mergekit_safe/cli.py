@@ -18,7 +18,7 @@ from mergekit_safe import __version__
 from mergekit_safe.errors import MergeKitSafeError, RecipeError
 from mergekit_safe.eval.command import eval_command
 from mergekit_safe.merge.methods import METHODS
-from mergekit_safe.merge.recipe import ModelSpec, Recipe, load_recipe
+from mergekit_safe.merge.recipe import ModelSpec, Recipe, capped, load_recipe
 from mergekit_safe.io.dtypes import OUTPUT_DTYPE_NAMES
 from mergekit_safe.io.writer import parse_size
 from mergekit_safe.kernels import BACKENDS, resolve_device, use_backend
@@ -111,8 +111,8 @@ def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, d
         recipe.dtype = dtype
     try:
         shard = parse_size(max_shard_size)
-    except ValueError:
-        raise RecipeError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB or 500MB") from None
+    except ValueError as e:
+        raise RecipeError(f"--max-shard-size {e}") from None
     result = merge(recipe, output, max_shard_size=shard, device=str(resolve_device(device)), overwrite=overwrite,
                    strict=strict, allow_pickle=allow_pickle, progress=not no_progress)
     for w in result.warnings:
@@ -212,12 +212,14 @@ def inspect(a: Path, b: Path, as_json: bool, top: int, allow_pickle: bool, devic
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-def validate(recipe: Path) -> None:
-    """Check a YAML recipe without running it (every problem is listed)."""
-    r = load_recipe(recipe)
-    missing = [p for p in r.input_paths() if not Path(p).exists()]
-    if missing:
-        raise RecipeError([f"{p}: no such file or directory" for p in missing], str(recipe))
+@click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin inputs, as merge --allow-pickle would.")
+def validate(recipe: Path, allow_pickle: bool) -> None:
+    """Check a YAML recipe and its inputs without merging: every problem merge would stop at, listed at once."""
+    from mergekit_safe.merge.check import check_recipe_file
+
+    r, problems = check_recipe_file(recipe, allow_pickle=allow_pickle)
+    if problems or r is None:
+        raise RecipeError(capped(problems), str(recipe))
     click.echo(f"{recipe}: ok ({r.merge_method}, {len(r.input_paths())} inputs)")
 
 

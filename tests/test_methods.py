@@ -163,3 +163,103 @@ def test_dare_linear_and_dare_ties_against_their_definition() -> None:
     ties = run_method("dare_ties", base, ms, {"density": density, "seed": seed}, [{"weight": w} for w in ws], name)
     expected = _ties64(torch.zeros_like(base), [d for d in dropped], ws, 1.0, 1.0, True)
     assert_close(ties, base + expected, 1e-12, 1e-12)
+
+
+# --- chunked (streamed) methods: the engine's path must equal the whole-tensor result
+
+from mergekit_safe.merge.methods import MAX_ABS_VALUE  # noqa: E402
+from mergekit_safe.merge.streaming import TensorsStream, chunk_deltas, magnitude_thresholds, run_whole  # noqa: E402
+
+
+def _chunked(method: str, base: torch.Tensor, models: list[torch.Tensor], params: dict, model_params: list[dict],
+             chunk: int | None, name: str = "model.layers.0.mlp.up_proj.weight") -> torch.Tensor:
+    specs = [ModelSpec(f"m{i}", model_params[i]) for i in range(len(models))]
+    recipe = Recipe(method, specs, base_model="base", parameters=params).validate()
+    stream = recipe.method.stream
+    assert stream is not None, f"{method} does not stream"
+    out_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    return run_whole(stream, name, base, models, recipe.resolve(name, 2), out_dtype, chunk)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3, "normalize": True}), ("ties", {"density": 0.9, "normalize": False}),
+    ("dare_linear", {"density": 0.6, "seed": 5}), ("dare_ties", {"density": 0.4, "seed": 9}),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("chunk", [30, 100])
+def test_chunked_equals_whole_tensor_bit_for_bit(method: str, params: dict, dtype: torch.dtype, chunk: int) -> None:
+    # an exact selection and elementwise steps: no rounding may depend on the chunk size
+    base = torch.randn(13, 11).to(dtype)
+    models = [(base.double() + 0.1 * torch.randn(13, 11, dtype=torch.float64)).to(dtype) for _ in range(3)]
+    models[1].view(-1)[::7] = base.view(-1)[::7]  # zero deltas: magnitude ties at the threshold
+    mp = [{"weight": w} for w in (1.0, 0.5, 0.8)]
+    whole = _chunked(method, base, models, params, mp, None)
+    got = _chunked(method, base, models, params, mp, chunk)
+    assert torch.equal(got, whole), f"{method} chunk={chunk}: {int((got != whole).sum())} elements differ"
+
+
+@pytest.mark.parametrize("chunk", [64, 500])
+def test_chunked_slerp_matches_float64_reference(chunk: int) -> None:
+    a, b = rand(), rand()
+    got = _chunked("slerp", a, [b], {"t": 0.3}, [{}], chunk)
+    assert_close(got, _slerp64(a, b, 0.3), 1e-10, 1e-10)  # float64 sums: only the summation order differs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_threshold_equals_kthvalue(dtype: torch.dtype) -> None:
+    x = torch.randn(2000, dtype=dtype)
+    x[::11] = 0.0
+    x[1::13] = -0.0
+    x[2::17] = x[3]  # many equal magnitudes
+    x[5] = float("inf")
+    x[6] = float("-inf")
+    zeros = torch.zeros_like(x)
+    densities = [0.0, 1 / 2000, 0.001, 0.25, 0.5, 0.77, 0.999, 1.0]
+    for chunk in (61, 512, 1999):
+        stream = TensorsStream("w", zeros, [x] * len(densities), chunk)
+        got = magnitude_thresholds(stream, chunk_deltas, densities)
+        want = [reference.magnitude_threshold(x, rho) for rho in densities]
+        assert [struct_bits(g) for g in got] == [struct_bits(w) for w in want], (chunk, got, want)
+
+
+def test_radix_threshold_sorts_nan_like_kthvalue() -> None:
+    x = torch.randn(300)
+    x[::50] = float("nan")
+    stream = TensorsStream("w", torch.zeros_like(x), [x, x], 16)
+    got = magnitude_thresholds(stream, chunk_deltas, [0.01, 0.5])
+    want = [reference.magnitude_threshold(x, rho) for rho in (0.01, 0.5)]
+    assert math.isnan(got[0]) and math.isnan(want[0]) and got[1] == want[1]
+
+
+def struct_bits(v: float) -> str:
+    return float(v).hex()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_slerp_on_nonfinite_input_falls_back_to_lerp(bad: float) -> None:
+    a, b = rand(), rand()
+    a[3, 4] = bad
+    got = run_method("slerp", a, [b], {"t": 0.25})  # no ZeroDivisionError: no angle exists, so lerp
+    ok = torch.ones_like(a, dtype=torch.bool)
+    ok[3, 4] = False
+    assert_close(got[ok], (0.75 * a + 0.25 * b)[ok], 1e-12, 1e-12)
+    assert not torch.isfinite(got[3, 4])  # the bad value reaches the output, where the engine names the file
+
+
+@pytest.mark.parametrize("value,message", [
+    (1e300, f"alpha=1e+300 is outside [{-MAX_ABS_VALUE}, {MAX_ABS_VALUE}]"),
+    (float("nan"), "alpha must be a finite number, got nan"),
+    (float("inf"), "alpha must be a finite number, got inf"),
+    (10**400, "alpha must be a finite number, got 1000000000"),
+])
+def test_absurd_numbers_are_rejected(value: float, message: str) -> None:
+    with pytest.raises(RecipeError) as e:
+        Recipe("lerp", [ModelSpec("b")], base_model="a", parameters={"alpha": value}).validate()
+    assert message in str(e.value)
+    assert len(str(e.value)) < 300
+
+
+def test_seed_must_be_a_32_bit_whole_number() -> None:
+    for seed, message in [(0.5, "seed must be a whole number"), (2**32, "is outside [0, 4294967295]")]:
+        with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            Recipe("dare_linear", [ModelSpec("b")], base_model="a", parameters={"seed": seed}).validate()

@@ -111,3 +111,106 @@ def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_recipe_file(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no such file"):
         load_recipe(tmp_path / "none.yml")
+
+
+# --- bounds: a recipe cannot hang, explode or print a huge value
+
+from mergekit_safe.merge.recipe import MAX_MODELS, MAX_YAML_NODES, recipe_problems  # noqa: E402
+
+ALIAS_BOMB = "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['0.5'] * 9)}]\n" for i in range(9)
+) + "merge_method: lerp\nbase_model: ./a\nmodels: [./b]\nparameters: {alpha: *l8}\n"
+
+
+def load_text(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "r.yml"
+    p.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    return str(e.value)
+
+
+def test_alias_bomb_is_one_short_line(tmp_path: Path) -> None:
+    assert len(ALIAS_BOMB) < 1000  # 9**9 values once expanded
+    msg = load_text(tmp_path, ALIAS_BOMB)
+    assert msg == f"{tmp_path / 'r.yml'}: expands to more than {MAX_YAML_NODES} values (YAML aliases nested too " \
+                  "deeply?); write the values out"
+
+
+def test_recursive_alias_is_one_line(tmp_path: Path) -> None:
+    msg = load_text(tmp_path, "merge_method: lerp\nbase_model: ./a\nmodels: [./b]\nparameters: {alpha: &x [1, *x]}\n")
+    assert msg == f"{tmp_path / 'r.yml'}: recursive YAML alias at line 4 (a value that contains itself)"
+
+
+def test_small_aliases_still_work(tmp_path: Path) -> None:
+    # mergekit recipes share parameters with anchors; that stays allowed
+    p = tmp_path / "r.yml"
+    p.write_text("models:\n  - model: ./b\n    parameters: &p {weight: 0.3, density: 0.5}\n"
+                 "  - model: ./c\n    parameters: *p\nmerge_method: ties\nbase_model: ./a\n")
+    r = load_recipe(p)
+    assert [m.parameters for m in r.models] == [{"weight": 0.3, "density": 0.5}] * 2
+
+
+def test_deep_nesting_and_huge_files_are_one_line(tmp_path: Path) -> None:
+    msg = load_text(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert msg.endswith(("nested too deeply to be a recipe", "(exceeded maximum nesting depth)")), msg  # libyaml's
+    assert "larger than 1024 KB" in load_text(tmp_path, "# " + "x" * (1 << 20) + "\n")
+
+
+def test_too_many_models(tmp_path: Path) -> None:
+    msg = load_text(tmp_path, "merge_method: linear\nmodels: [" + ", ".join(["./m"] * (MAX_MODELS + 1)) + "]\n")
+    assert msg == f"{tmp_path / 'r.yml'}: {MAX_MODELS + 1} models: at most {MAX_MODELS} can be merged at once"
+
+
+def test_long_values_are_cut_in_messages(tmp_path: Path) -> None:
+    long = "[" + ", ".join(f"'{'x' * 50}'" for _ in range(5000)) + "]"
+    msg = load_text(tmp_path, f"merge_method: lerp\nbase_model: ./a\nmodels: [./b]\ndtype: {long}\n"
+                              f"parameters:\n  alpha:\n    attention: 0.5\n    ? {'y' * 5000}\n    : 1\n")
+    assert len(msg) < 800, msg
+    assert "dtype must be a string" in msg and "unknown module types" in msg
+
+
+@pytest.mark.parametrize("value,message", [
+    ("1.0e+300", "alpha=1e+300 is outside [-1000000.0, 1000000.0]"),
+    ("1e300", "alpha must be a finite number, got '1e300'"),  # YAML 1.1: a float needs a dot
+    (".nan", "alpha must be a finite number, got nan"),
+    ("-.inf", "alpha must be a finite number, got -inf"),
+    ("[0.1, 1.0e+400]", "parameters.alpha[1]: alpha must be a finite number, got inf"),
+])
+def test_non_finite_and_absurd_numbers(tmp_path: Path, value: str, message: str) -> None:
+    msg = load_text(tmp_path, f"merge_method: lerp\nbase_model: ./a\nmodels: [./b]\nparameters: {{alpha: {value}}}\n")
+    assert message in msg
+
+
+@pytest.mark.parametrize("pattern,why", [
+    ("(a+)+$", "a repeat nested inside a repeat"),
+    ("(x|xx)*y", "an alternation inside a repeat"),
+    (r"(\w+)\1", "a backreference"),
+    (".*a.*b.*c.*d.*e", "5 unbounded repeats (at most 4)"),
+    ("(", "not a regular expression"),
+])
+def test_backtracking_regex_rules_are_refused(tmp_path: Path, pattern: str, why: str) -> None:
+    text = (f"merge_method: lerp\nbase_model: ./a\nmodels: [./b]\n"
+            f"parameters:\n  alpha:\n    - regex: '{pattern}'\n      value: 0.1\n    - value: 0.5\n")
+    assert f"parameters.alpha[0]: bad regex '{pattern}'".replace("\\\\", "\\") in load_text(tmp_path, text).replace(
+        "\\\\", "\\")
+    assert why in load_text(tmp_path, text)
+
+
+def test_safe_regex_rules_are_kept(tmp_path: Path) -> None:
+    p = tmp_path / "r.yml"
+    p.write_text("merge_method: lerp\nbase_model: ./a\nmodels: [./b]\nparameters:\n  alpha:\n"
+                 "    - regex: 'layers\\.(1|2)\\..*_proj'\n      value: 0.1\n    - value: 0.5\n")
+    r = load_recipe(p)
+    assert r.resolve("model.layers.2.mlp.up_proj.weight", 4)["alpha"] == 0.1
+    assert r.resolve("model.layers.3.mlp.up_proj.weight", 4)["alpha"] == 0.5
+
+
+def test_structure_and_method_problems_together() -> None:
+    _, problems = recipe_problems({"merge_methd": "lerp", "merge_method": "lerpp", "models": ["./b"]})
+    assert problems == [
+        "unknown keys ['merge_methd']; known: base_model, dtype, merge_method, models, out_dtype, parameters, "
+        "tokenizer_source",
+        "unknown merge_method 'lerpp'; choose one of dare_linear, dare_ties, ema, lerp, linear, safety_vector, slerp, "
+        "task_arithmetic, ties",
+    ]

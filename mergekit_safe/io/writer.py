@@ -13,9 +13,11 @@ import contextlib
 import errno
 import json
 import math
+import re
 import shutil
 import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,21 +59,41 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]+)")
+MAX_SIZE = 2**50  # 1 PiB: anything larger is a typo, and int(float) of it would lose its meaning anyway
+
+
 def parse_size(text: str | int) -> int:
-    """Parse a size such as ``"5GB"``, ``"500MB"``, ``"2GiB"`` or ``1000000`` into bytes.
+    """Parse a size with a unit (``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"4096B"``) into bytes.
+
+    A unit is required: a bare ``5`` could mean 5 bytes or 5 GB, and guessing wrong writes millions of
+    one-tensor shards. An ``int`` is taken as bytes (API callers).
 
     Raises:
-        ValueError: the text is not a size.
+        ValueError: no unit, an unknown unit, a negative, zero, exponent-notation or absurdly large size.
+
+    Example:
+        >>> parse_size("1.5KiB")
+        1536
     """
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = _SIZE_RE.fullmatch(str(text).strip())
+        if m is None:
+            hint = " (give a unit: 5GB, 500MB or 5B)" if re.fullmatch(r"\s*\d+\s*", str(text)) else ""
+            raise ValueError(f"{text!r} is not a size like 5GB, 500MB or 2GiB{hint}")
+        unit = _SIZE_UNITS.get(m.group(2).upper())
+        if unit is None:
+            raise ValueError(f"{text!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+        size = int(Fraction(m.group(1)) * unit)  # exact: a float of a 400-digit number would be inf
+    if size < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    if size > MAX_SIZE:
+        raise ValueError(f"{text!r} is larger than 1 PiB")
+    return size
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:

@@ -2,8 +2,11 @@
 
 For every output tensor the engine reads the inputs as memory-mapped views, computes in fp32 and streams the
 result to the shard writer on a second thread, so reading and computing the next piece overlaps writing the
-last one. Linear methods go in flat chunks of at most ``chunk_elems`` elements, whose pages are released from
-the process as soon as they are merged: peak memory is set by the chunk size, not by the model.
+last one. Every method goes in flat chunks of at most ``chunk_elems`` elements, whose pages are released from
+the process as soon as they are used: peak memory is set by the chunk size, not by the model or its largest
+tensor. Linear methods take one pass; SLERP and TIES first make passes over the chunks for their per-tensor
+constants (:mod:`mergekit_safe.merge.streaming`). Only a method registered with a whole-tensor ``combine`` and
+no ``stream`` holds whole tensors.
 
 Vocabulary mismatch (a fine-tune that added tokens): the output keeps the row count of the input that config
 and tokenizer come from (the *reference*). An input with fewer embedding/head rows is padded with the
@@ -17,7 +20,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from mergekit_safe.io.adapters import open_input
 from mergekit_safe.errors import CheckpointError
 from mergekit_safe.io.publish import check_output_path, staged_output
 from mergekit_safe.io.source import TensorSource
+from mergekit_safe.merge.streaming import Chunk
 from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
 from mergekit_safe.merge.recipe import Recipe, module_type, num_layers
@@ -503,7 +507,10 @@ def _merge_tensor(
                 c.release(name)
             bar.update((stop - start) * spec.dtype.itemsize)
         return
-    assert plan.method.combine is not None
+    if plan.method.stream is not None:
+        _merge_streamed(plan, spec, params, has_base, wt, dev, pool, chunk_elems, strict, result, bar)
+        return
+    assert plan.method.combine is not None  # a whole-tensor method: memory grows with the tensor
     tensors = [_fetch(c, ref, name, 0, numel).view(spec.shape).to(dev) for c in plan.inputs]
     base, models = (tensors[0], tensors[1:]) if has_base else (None, tensors)
     merged = plan.method.combine(TensorJob(name, base, models, params, torch.float32))
@@ -514,16 +521,63 @@ def _merge_tensor(
     bar.update(spec.nbytes)
 
 
+class _CheckpointStream:
+    """One output tensor's inputs read from the checkpoints chunk by chunk (a :class:`TensorStream`).
+
+    Each chunk's pages are released once the consumer moves on, so a pass holds one chunk per input.
+    """
+
+    def __init__(self, plan: _Plan, spec: TensorSpec, has_base: bool, chunk_elems: int, dev: torch.device) -> None:
+        self.plan, self.name, self.has_base, self.dev = plan, spec.name, has_base, dev
+        self.numel = math.prod(spec.shape)
+        self.step = max(1, chunk_elems)
+
+    def chunks(self) -> Iterator[Chunk]:
+        plan = self.plan
+        for start in range(0, max(self.numel, 1), self.step):
+            stop = min(self.numel, start + self.step)
+            pieces = [_fetch(c, plan.reference, self.name, start, stop).to(self.dev) for c in plan.inputs]
+            base, models = (pieces[0], pieces[1:]) if self.has_base else (None, pieces)
+            yield Chunk(self.name, start, stop, base, models)
+            for c in plan.inputs:
+                c.release(self.name)
+
+
+def _merge_streamed(
+    plan: _Plan, spec: TensorSpec, params: Any, has_base: bool, wt: _WriterThread, dev: torch.device,
+    pool: _BufferPool, chunk_elems: int, strict: bool, result: MergeResult, bar: Any,
+) -> None:
+    method = plan.method.stream
+    assert method is not None
+    stream = _CheckpointStream(plan, spec, has_base, chunk_elems, dev)
+    state = method.prepare(stream, params) if method.prepare is not None else None
+    for chunk in stream.chunks():
+        # TIES trims a NaN away and DARE may drop it: the output cannot show a bad input, so look at the inputs
+        pieces = [chunk.base, *chunk.models] if chunk.base is not None else chunk.models
+        if not all(_all_finite(p) for p in pieces):
+            _report_nonfinite(plan, spec.name, chunk.start, chunk.stop, strict, result)
+        merged = method.apply(chunk, params, state, torch.float32)
+        out, give_back = pool.take(chunk.stop - chunk.start, spec.dtype)
+        out.copy_(merged)
+        _check_finite(plan, out, spec.name, chunk.start, chunk.stop, strict, result)
+        wt.put(spec.name, out, done=give_back)
+        bar.update((chunk.stop - chunk.start) * spec.dtype.itemsize)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates through min/max; no chunk-sized boolean temporary
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _check_finite(
     plan: _Plan, merged: torch.Tensor, name: str, start: int, stop: int, strict: bool, result: MergeResult
 ) -> None:
     # NaN/Inf in any input propagates to the output, and min/max carry NaN: one cheap pass over the output
     # (in its own dtype, so an overflow on the cast is caught too). The inputs are only searched on the rare
     # failure, to name the file.
-    if merged.numel() == 0:
-        return
-    lo, hi = torch.aminmax(merged)
-    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+    if not _all_finite(merged):
         _report_nonfinite(plan, name, start, stop, strict, result)
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
 
 from mergekit_safe.io.adapters import open_input
+from mergekit_safe.merge.engine import DEFAULT_CHUNK_ELEMS
 from mergekit_safe.merge.recipe import layer_index, module_type
 
 
@@ -39,10 +43,16 @@ class TensorDiff:
 
 
 def diff_checkpoints(a_path: str, b_path: str, *, allow_pickle: bool = False,
+                     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
                      device: str = "cpu") -> tuple[list[TensorDiff], list[str]]:
-    """Compare two checkpoints tensor by tensor (streaming; one tensor pair in memory at a time).
+    """Compare two checkpoints tensor by tensor, streaming each tensor in chunks (memory set by the chunk).
 
-    The float64 statistics are computed on ``device`` (``cpu`` or ``cuda[:N]``; default ``cpu``).
+    Args:
+        a_path: the reference checkpoint.
+        b_path: the changed checkpoint (may be a PEFT adapter of ``a_path``).
+        allow_pickle: accept pickled ``.bin`` weights (loaded weights_only).
+        chunk_elems: elements read per piece.
+        device: where the float64 statistics are computed (``cpu`` or ``cuda[:N]``).
 
     Returns:
         ``(diffs, only)``: a :class:`TensorDiff` per shared tensor, and lines naming tensors found in only one.
@@ -55,29 +65,43 @@ def diff_checkpoints(a_path: str, b_path: str, *, allow_pickle: bool = False,
             if name not in b:
                 only.append(f"only in {a_path}: {name}")
                 continue
-            ta, tb = a.get(name), b.get(name)
-            rows = min(ta.shape[0], tb.shape[0]) if ta.dim() and tb.dim() and ta.shape[1:] == tb.shape[1:] else None
-            if ta.shape == tb.shape or rows is not None:
-                xa = (ta[:rows] if rows is not None else ta).to(device).double().reshape(-1)
-                xb = (tb[:rows] if rows is not None else tb).to(device).double().reshape(-1)
-                d = xb - xa
-                na, nb = float(xa.norm()), float(xb.norm())
-                rel = float(d.norm()) / na if na > 0 else (0.0 if float(d.norm()) == 0 else math.inf)
-                cos = float(xa @ xb) / (na * nb) if na > 0 and nb > 0 else float("nan")
-                mx = float(d.abs().max()) if d.numel() else 0.0
-                n = xa.numel()
-            else:
-                rel, cos, mx, n = math.nan, math.nan, math.nan, 0
-            out.append(TensorDiff(name, layer_index(name), module_type(name), list(ta.shape), list(tb.shape),
-                                  str(ta.dtype).removeprefix("torch."), str(tb.dtype).removeprefix("torch."),
-                                  rel, cos, mx, n))
-            a.release(name)
-            b.release(name)
+            out.append(_diff_tensor(a, b, name, max(1, chunk_elems), torch.device(device)))
         only += [f"only in {b_path}: {n}" for n in b.keys() if n not in a]
     finally:
         a.close()
         b.close()
     return out, only
+
+
+def _diff_tensor(a: Any, b: Any, name: str, step: int, device: torch.device) -> TensorDiff:
+    ia, ib = a.info(name), b.info(name)
+    sa, sb = tuple(ia.shape), tuple(ib.shape)
+    rows = min(sa[0], sb[0]) if sa and sb and sa[1:] == sb[1:] else None
+    if sa == sb:
+        n = math.prod(sa)
+    elif rows is not None:
+        n = rows * math.prod(sa[1:])  # the common rows are the first flat elements of both (row-major)
+    else:
+        n = -1
+    if n >= 0:
+        aa = bb = ab = dd = 0.0
+        mx = torch.zeros((), dtype=torch.float64)  # torch.maximum keeps a NaN, Python's max would drop it
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            xa, xb = a.get(name, start, stop).to(device).double(), b.get(name, start, stop).to(device).double()
+            d = xb - xa
+            aa, bb, ab, dd = aa + float(xa @ xa), bb + float(xb @ xb), ab + float(xa @ xb), dd + float(d @ d)
+            mx = torch.maximum(mx, d.abs().max())
+            a.release(name)
+            b.release(name)
+        mx = float(mx)
+        na, nb, nd = math.sqrt(aa), math.sqrt(bb), math.sqrt(dd)
+        rel = nd / na if na > 0 else (0.0 if nd == 0 else math.inf)
+        cos = ab / (na * nb) if na > 0 and nb > 0 else float("nan")
+    else:
+        rel, cos, mx, n = math.nan, math.nan, math.nan, 0
+    return TensorDiff(name, layer_index(name), module_type(name), list(sa), list(sb),
+                      str(ia.dtype).removeprefix("torch."), str(ib.dtype).removeprefix("torch."), rel, cos, mx, n)
 
 
 def per_layer(diffs: list[TensorDiff]) -> list[dict[str, object]]:

@@ -3,7 +3,10 @@
 Most repairs are ``theta = sum_i c_i * input_i`` (lerp, EMA, task arithmetic, linear, safety vector): those
 methods only say how their parameters become the coefficients ``c_i`` (:attr:`MergeMethod.coefficients`), and
 the engine streams them through the weighted-sum kernel chunk by chunk. Methods that are not linear in their
-inputs (SLERP, TIES, DARE) give a :attr:`MergeMethod.combine` function that sees whole tensors.
+inputs (SLERP, TIES, DARE) give a :class:`~mergekit_safe.merge.streaming.Streamed` pair (passes over chunks for
+per-tensor constants, then an elementwise step per chunk), so their memory is set by the chunk too; the
+whole-tensor :attr:`MergeMethod.combine` is derived from it. A method may instead give only ``combine``: the
+engine then loads each whole tensor (memory grows with the largest tensor), so new methods should stream.
 
 Inputs are ordered: the base model first when the method has one, then the models in the order given.
 """
@@ -19,6 +22,11 @@ import torch
 from mergekit_safe import kernels
 from mergekit_safe.errors import RecipeError
 from mergekit_safe.kernels import reference
+from mergekit_safe.merge.streaming import Chunk, Streamed, TensorStream, chunk_deltas, dot_and_norms
+from mergekit_safe.merge.streaming import magnitude_thresholds, run_whole
+
+# No method parameter means anything beyond this magnitude: 1e300 * a weight is inf in every output dtype.
+MAX_ABS_VALUE = 1e6
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,39 @@ class Param:
         """Return a problem description if ``value`` is out of range for this parameter, else None."""
         if isinstance(self.default, bool):
             return None if isinstance(value, bool) else f"{where}: {self.name} must be true or false, got {value!r}"
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return f"{where}: {self.name} must be a finite number, got {value!r}"
-        if self.low is not None and value < self.low or self.high is not None and value > self.high:
-            return f"{where}: {self.name}={value} is outside [{self.low}, {self.high}]"
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+            return f"{where}: {self.name} must be a finite number, got {short_repr(value)}"
+        if isinstance(self.default, int) and not isinstance(value, int):
+            return f"{where}: {self.name} must be a whole number, got {value!r}"
+        low = -MAX_ABS_VALUE if self.low is None else self.low
+        high = MAX_ABS_VALUE if self.high is None else self.high
+        if value < low or value > high:
+            return f"{where}: {self.name}={short_repr(value)} is outside [{low}, {high}]"
         return None
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (a user's path or name in an error message)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: object, limit: int = 200) -> str:
+    """``repr`` of a user's value cut to ``limit`` characters, built with bounded work (a recipe may hold a
+    value of millions of elements: an error message shows its start, never all of it)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 4, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -102,7 +138,9 @@ class MergeMethod:
         params: its parameters.
         coefficients: for linear methods, ``(params, has_base, num_models) -> c`` with one coefficient per
             input (base first); the engine computes ``sum_i c_i * input_i``.
-        combine: for the other methods, ``TensorJob -> tensor``.
+        combine: for the other methods, ``TensorJob -> tensor`` on whole tensors; derived from ``stream`` when
+            that is given.
+        stream: the non-linear method in chunks (memory bounded by the chunk); preferred over ``combine``.
         side_files_from: which input's config and tokenizer the output takes by default (0: the first input,
             -1: the last).
     """
@@ -116,10 +154,15 @@ class MergeMethod:
     coefficients: Callable[[Resolved, bool, int], list[float]] | None = None
     combine: Callable[[TensorJob], torch.Tensor] | None = None
     side_files_from: int = 0
+    stream: Streamed | None = None
 
     def __post_init__(self) -> None:
+        if self.stream is not None:
+            if self.combine is not None:
+                raise ValueError(f"merge method {self.name}: give stream or combine, not both")
+            object.__setattr__(self, "combine", _whole_tensor(self.stream))
         if (self.coefficients is None) == (self.combine is None):
-            raise ValueError(f"merge method {self.name}: give exactly one of coefficients or combine")
+            raise ValueError(f"merge method {self.name}: give exactly one of coefficients, combine or stream")
         if self.base not in ("required", "optional", "none"):
             raise ValueError(f"merge method {self.name}: base must be required, optional or none")
         names = [p.name for p in self.params]
@@ -216,56 +259,71 @@ def _safety_vector(p: Resolved, has_base: bool, n: int) -> list[float]:
     return [1.0, b, -b]
 
 
-def _slerp(job: TensorJob) -> torch.Tensor:
-    assert job.base is not None
-    return kernels.slerp(job.base, job.models[0], float(job.params["t"]), out_dtype=job.out_dtype)
+def _whole_tensor(stream: Streamed) -> Callable[[TensorJob], torch.Tensor]:
+    def combine(job: TensorJob) -> torch.Tensor:
+        return run_whole(stream, job.name, job.base, job.models, job.params, job.out_dtype)
+
+    return combine
 
 
-def _deltas(job: TensorJob) -> list[torch.Tensor]:
-    assert job.base is not None
-    cd = reference.compute_dtype(job.base, *job.models)
-    base = job.base.to(cd)
-    return [m.to(cd) - base for m in job.models]
+def _slerp_prepare(stream: TensorStream, p: Resolved) -> tuple[float, float]:
+    dot, na, nb = dot_and_norms(stream)
+    t = float(p["t"])
+    if not (math.isfinite(dot) and math.isfinite(na) and math.isfinite(nb)):
+        # NaN/Inf input: no angle exists. Lerp carries the bad values into the output, where the engine's
+        # finiteness check names the input file (an error under --strict, else a warning).
+        return 1.0 - t, t
+    return reference.slerp_coefficients(dot, na, nb, t)
 
 
-def _ties(job: TensorJob) -> torch.Tensor:
-    p = job.params
-    merged = kernels.ties(_deltas(job), p.per_model["weight"], p.per_model["density"], bool(p["normalize"]))
-    return _add_to_base(job, merged)
+def _slerp_apply(chunk: Chunk, p: Resolved, coeffs: tuple[float, float], out_dtype: torch.dtype) -> torch.Tensor:
+    assert chunk.base is not None
+    return kernels.weighted_sum([chunk.base, chunk.models[0]], list(coeffs), out_dtype=out_dtype)
 
 
-def _dare_deltas(job: TensorJob) -> list[torch.Tensor]:
-    p = job.params
+def _ties_prepare(stream: TensorStream, p: Resolved) -> list[float]:
+    return magnitude_thresholds(stream, chunk_deltas, [float(d) for d in p.per_model["density"]])
+
+
+def _ties_apply(chunk: Chunk, p: Resolved, thresholds: list[float], out_dtype: torch.dtype) -> torch.Tensor:
+    trimmed = []
+    for d, thr in zip(chunk_deltas(chunk), thresholds):
+        trimmed.append(torch.where(d.abs() >= thr, d, torch.zeros((), dtype=d.dtype, device=d.device)))
+    # Trimmed already: density 1 keeps every survivor, so TIES only elects signs (as for DARE below).
+    merged = kernels.ties(trimmed, p.per_model["weight"], 1.0, bool(p["normalize"]))
+    return _add_to_base(chunk, p, merged, out_dtype)
+
+
+def _dare_deltas(chunk: Chunk, p: Resolved) -> list[torch.Tensor]:
     out = []
-    for i, (d, density) in enumerate(zip(_deltas(job), p.per_model["density"])):
-        tid = reference.tensor_id(job.name, i)
-        out.append(kernels.dare(d, 1.0 - float(density), int(p["seed"]), tid, rescale=bool(p["rescale"])))
+    for i, (d, density) in enumerate(zip(chunk_deltas(chunk), p.per_model["density"])):
+        tid = reference.tensor_id(chunk.name, i)
+        out.append(kernels.dare(d, 1.0 - float(density), int(p["seed"]), tid, rescale=bool(p["rescale"]),
+                                index_offset=chunk.start))
     return out
 
 
-def _dare_linear(job: TensorJob) -> torch.Tensor:
-    p = job.params
+def _dare_linear_apply(chunk: Chunk, p: Resolved, state: None, out_dtype: torch.dtype) -> torch.Tensor:
     weights = _normalized(p.per_model["weight"], bool(p["normalize"]))
-    merged = kernels.weighted_sum(_dare_deltas(job), weights)
-    return _add_to_base(job, merged)
+    merged = kernels.weighted_sum(_dare_deltas(chunk, p), weights)
+    return _add_to_base(chunk, p, merged, out_dtype)
 
 
-def _dare_ties(job: TensorJob) -> torch.Tensor:
-    p = job.params
+def _dare_ties_apply(chunk: Chunk, p: Resolved, state: None, out_dtype: torch.dtype) -> torch.Tensor:
     # DARE already sparsified the deltas, so TIES keeps every survivor (density 1) and only elects signs.
-    merged = kernels.ties(_dare_deltas(job), p.per_model["weight"], 1.0, bool(p["normalize"]))
-    return _add_to_base(job, merged)
+    merged = kernels.ties(_dare_deltas(chunk, p), p.per_model["weight"], 1.0, bool(p["normalize"]))
+    return _add_to_base(chunk, p, merged, out_dtype)
 
 
-def _add_to_base(job: TensorJob, merged: torch.Tensor) -> torch.Tensor:
-    assert job.base is not None
-    return kernels.weighted_sum([job.base, merged], [1.0, float(job.params["lambda"])], out_dtype=job.out_dtype)
+def _add_to_base(chunk: Chunk, p: Resolved, merged: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    assert chunk.base is not None
+    return kernels.weighted_sum([chunk.base, merged], [1.0, float(p["lambda"])], out_dtype=out_dtype)
 
 
 _WEIGHT = Param("weight", 1.0, per_model=True, doc="the model's weight")
 _DENSITY = Param("density", 1.0, per_model=True, low=0.0, high=1.0, doc="fraction of the task vector kept")
 _LAMBDA = Param("lambda", 1.0, doc="scale of the merged task vector")
-_SEED = Param("seed", 0, tensor=False, low=0, doc="seed of the DARE masks")
+_SEED = Param("seed", 0, tensor=False, low=0, high=2**32 - 1, doc="seed of the DARE masks (32 bits)")
 _RESCALE = Param("rescale", True, tensor=False, doc="rescale survivors by 1/density")
 
 
@@ -303,24 +361,25 @@ register(MergeMethod(
 register(MergeMethod(
     "slerp", "spherical interpolation per tensor between base (t=0) and model (t=1); lerp when parallel",
     base="required", min_models=1, max_models=1,
-    params=(Param("t", 0.5, low=0.0, high=1.0, doc="interpolation factor"),), combine=_slerp,
+    params=(Param("t", 0.5, low=0.0, high=1.0, doc="interpolation factor"),),
+    stream=Streamed(_slerp_apply, _slerp_prepare),
 ))
 register(MergeMethod(
     "ties", "TIES: trim task vectors to density by magnitude, elect signs, disjoint mean",
     base="required", min_models=1, max_models=None, params=(_WEIGHT, _DENSITY, _LAMBDA, _normalize(True)),
-    combine=_ties,
+    stream=Streamed(_ties_apply, _ties_prepare),
 ))
 register(MergeMethod(
     "dare_linear", "DARE: drop task-vector entries with prob 1-density, rescale, weighted sum",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _LAMBDA, _normalize(False), _SEED, _RESCALE),
-    combine=_dare_linear,
+    stream=Streamed(_dare_linear_apply),
 ))
 register(MergeMethod(
     "dare_ties", "DARE drop and rescale, then TIES sign election and disjoint mean",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _LAMBDA, _normalize(True), _SEED, _RESCALE),
-    combine=_dare_ties,
+    stream=Streamed(_dare_ties_apply),
 ))
 
 

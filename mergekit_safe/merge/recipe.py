@@ -25,11 +25,24 @@ import yaml
 
 from mergekit_safe.errors import RecipeError
 from mergekit_safe.io.dtypes import OUTPUT_DTYPES as DTYPES
-from mergekit_safe.merge.methods import MergeMethod, Param, Resolved, get_method
+from mergekit_safe.merge.methods import MergeMethod, Param, Resolved, clip, get_method, short_repr
+
+try:  # the parser behind ``re``: a public module before Python 3.11, a private one (same API) since
+    import re._parser as _sre_parse  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 MODULE_TYPES = ("attention", "mlp", "embed", "norm", "head", "other")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _RECIPE_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype"}
+
+# Limits that turn a hostile or mistaken recipe into one clear line instead of minutes of work or a MemoryError.
+MAX_MODELS = 256  # every chunk reads all inputs at once; EMA over a long run is the largest real use
+MAX_RECIPE_BYTES = 1 << 20  # real recipes are a few KB
+MAX_YAML_NODES = 100_000  # values after alias expansion: an alias bomb of 644 bytes expands to ~10^9
+MAX_REGEX_LEN = 1000
+MAX_REGEX_UNBOUNDED = 4  # sequential unbounded repeats cost O(len(name)^k) on a failing match
+MAX_PROBLEMS = 20  # problems listed in one error; the rest are counted
 
 
 def layer_index(name: str) -> int | None:
@@ -95,6 +108,64 @@ def _interp(values: list[float], x: float) -> float:
     return float(values[lo]) * (1.0 - frac) + float(values[lo + 1]) * frac
 
 
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+
+
+def regex_problem(pattern: str) -> str | None:
+    r"""Why a rule's regex is refused, or None when it is safe to run on every tensor name.
+
+    ``re`` backtracks, so a pattern such as ``(a+)+b`` takes exponential time on a name that almost matches,
+    and a merge hangs while ``validate`` says ok. We refuse, up front and the same way in ``validate`` and
+    ``merge``, the shapes that backtrack catastrophically: a repeat inside a repeat, alternation inside a
+    repeat, backreferences, and more than :data:`MAX_REGEX_UNBOUNDED` unbounded repeats. A static check (not
+    a time limit) keeps the decision deterministic and independent of the machine's load; rule regexes select
+    tensor names and never need those shapes (``layers\.(1|2)\..*`` and ``.*_proj`` are fine).
+    """
+    if len(pattern) > MAX_REGEX_LEN:
+        return f"longer than {MAX_REGEX_LEN} characters"
+    try:
+        tree = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        return f"not a regular expression ({e})"
+    unbounded = [0]
+    problem = _walk_regex(list(tree), False, unbounded)
+    if problem is None and unbounded[0] > MAX_REGEX_UNBOUNDED:
+        problem = f"{unbounded[0]} unbounded repeats (at most {MAX_REGEX_UNBOUNDED})"
+    if problem is None or problem.startswith(("not a regular", "longer than")):
+        return problem
+    return problem + ": such patterns can backtrack for minutes; simplify it"
+
+
+def _walk_regex(items: list[Any], in_repeat: bool, unbounded: list[int]) -> str | None:
+    for op, av in items:
+        name, subs = str(op), []
+        if name in _REPEATS:
+            lo, hi, sub = av
+            repeats = hi is _sre_parse.MAXREPEAT or hi > 1
+            if repeats and in_repeat:
+                return "a repeat nested inside a repeat"
+            unbounded[0] += hi is _sre_parse.MAXREPEAT
+            if (problem := _walk_regex(list(sub), in_repeat or repeats, unbounded)) is not None:
+                return problem
+            continue
+        if name == "BRANCH":
+            if in_repeat:
+                return "an alternation inside a repeat"
+            subs = av[1]
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return "a backreference"
+        elif name == "SUBPATTERN":
+            subs = [av[-1]]
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            subs = [av[1]]
+        elif name == "ATOMIC_GROUP":
+            subs = [av]
+        for sub in subs:
+            if (problem := _walk_regex(list(sub), in_repeat, unbounded)) is not None:
+                return problem
+    return None
+
+
 def _rule_matches(rule: dict[str, Any], name: str) -> bool:
     if "filter" in rule:
         return str(rule["filter"]) in name
@@ -124,24 +195,26 @@ def _value_problems(param: Param, value: Any, where: str) -> list[str]:
     if isinstance(value, dict):
         bad = [k for k in value if k not in (*MODULE_TYPES, "default")]
         if bad:
-            return [f"{where}: {param.name} has unknown module types {bad}; use {', '.join(MODULE_TYPES)} or default"]
+            return [f"{where}: {param.name} has unknown module types {short_repr(bad)}; "
+                    f"use {', '.join(MODULE_TYPES)} or default"]
         return [p for k, v in value.items() for p in _value_problems(param, v, f"{where}.{k}")]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         out = []
         for i, rule in enumerate(value):
             keys = set(rule) - {"value"}
             if len(keys) > 1 or keys - {"filter", "regex", "module"}:
-                out.append(f"{where}[{i}]: a rule takes one of filter, regex or module, plus value; got {sorted(rule)}")
+                out.append(f"{where}[{i}]: a rule takes one of filter, regex or module, plus value; "
+                           f"got {short_repr(sorted(map(str, rule)))}")
             if "value" not in rule:
                 out.append(f"{where}[{i}]: rule has no value")
                 continue
             if rule.get("module") is not None and rule["module"] not in MODULE_TYPES:
-                out.append(f"{where}[{i}]: module {rule['module']!r} is not one of {', '.join(MODULE_TYPES)}")
+                out.append(f"{where}[{i}]: module {short_repr(rule['module'])} is not one of {', '.join(MODULE_TYPES)}")
             if "regex" in rule:
-                try:
-                    re.compile(str(rule["regex"]))
-                except re.error as e:
-                    out.append(f"{where}[{i}]: bad regex {rule['regex']!r} ({e})")
+                if not isinstance(rule["regex"], str):
+                    out.append(f"{where}[{i}]: regex must be a string, got {short_repr(rule['regex'])}")
+                elif (problem := regex_problem(rule["regex"])) is not None:
+                    out.append(f"{where}[{i}]: bad regex {short_repr(rule['regex'])}: {problem}")
             out += _value_problems(param, rule["value"], f"{where}[{i}].value")
         return out
     if isinstance(value, list):
@@ -220,6 +293,8 @@ class Recipe:
     def problems(self) -> list[str]:
         """Every problem with this recipe, so a user can fix them all at once (empty when valid)."""
         out: list[str] = []
+        if len(self.models) > MAX_MODELS:
+            return [f"{len(self.models)} models: at most {MAX_MODELS} can be merged at once"]
         try:
             method = self.method
         except RecipeError as e:
@@ -237,7 +312,8 @@ class Recipe:
         for key, value in self.parameters.items():
             param = method.param(key)
             if param is None:
-                out.append(f"parameters: unknown parameter {key!r} for {method.name}; known: {', '.join(sorted(known))}")
+                out.append(f"parameters: unknown parameter {short_repr(key)} for {method.name}; "
+                           f"known: {', '.join(sorted(known))}")
             else:
                 out += _value_problems(param, value, f"parameters.{key}")
         for i, m in enumerate(self.models):
@@ -245,7 +321,8 @@ class Recipe:
                 param = method.param(key)
                 if param is None or not param.per_model:
                     per = sorted(p.name for p in method.params if p.per_model)
-                    out.append(f"models[{i}] ({m.path}): {key!r} is not a per-model parameter of {method.name}; "
+                    out.append(f"models[{i}] ({clip(m.path)}): {short_repr(key)} is not a per-model parameter "
+                               f"of {method.name}; "
                                f"per-model: {', '.join(per) or 'none'}")
                 else:
                     out += _value_problems(param, value, f"models[{i}].parameters.{key}")
@@ -255,16 +332,17 @@ class Recipe:
                 if not p.per_model or missing:
                     out.append(f"parameter {p.name!r} is required by {method.name}")
         if self.dtype is not None and self.dtype not in DTYPES:
-            out.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+            out.append(f"dtype {short_repr(self.dtype)} is not one of {', '.join(DTYPES)}")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.input_paths():
-            out.append(f"tokenizer_source {self.tokenizer_source!r} must be 'base' or one of the input paths")
+            out.append(f"tokenizer_source {short_repr(self.tokenizer_source)} must be 'base' or one of the input "
+                       "paths")
         return out
 
     def validate(self) -> Recipe:
         """Raise :class:`RecipeError` listing every problem, or return self."""
         problems = self.problems()
         if problems:
-            raise RecipeError(problems, self.source)
+            raise RecipeError(capped(problems), self.source)
         return self
 
     def resolve(self, name: str, num_layers: int) -> Resolved:
@@ -293,24 +371,77 @@ def _number(param: Param, value: Any, name: str) -> Any:
     return value
 
 
+def capped(problems: list[str]) -> list[str]:
+    """The first :data:`MAX_PROBLEMS` problems, and a count of the rest."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return problems[:MAX_PROBLEMS] + [f"and {len(problems) - MAX_PROBLEMS} more problems"]
+
+
 def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     """Build a :class:`Recipe` from parsed YAML (mergekit's layout), reporting every problem at once.
 
     Raises:
         RecipeError: unknown keys, wrong types, or an invalid method/parameter combination.
     """
+    recipe, problems = recipe_problems(data, source)
+    if problems or recipe is None:
+        raise RecipeError(capped(problems), source)
+    return recipe
+
+
+def recipe_problems(data: Any, source: str | None = None) -> tuple[Recipe | None, list[str]]:
+    """Build what can be built of a recipe and list every problem with it (structure, method, parameters).
+
+    Returns:
+        ``(recipe, problems)``: the recipe is None only when ``data`` is not a mapping; it may be invalid
+        when ``problems`` is not empty (its paths are still worth checking).
+    """
     if not isinstance(data, dict):
-        raise RecipeError("a recipe must be a mapping with merge_method and models", source)
+        return None, ["a recipe must be a mapping with merge_method and models"]
     problems = []
     if "slices" in data:
         problems.append("'slices' recipes (layer surgery) are not supported; use models with parameters")
-    unknown = sorted(set(data) - _RECIPE_KEYS - {"slices"})
+    unknown = sorted(map(str, set(data) - _RECIPE_KEYS - {"slices"}))
     if unknown:
-        problems.append(f"unknown keys {unknown}; known: {', '.join(sorted(_RECIPE_KEYS))}")
-    if "merge_method" not in data:
+        problems.append(f"unknown keys {short_repr(unknown)}; known: {', '.join(sorted(_RECIPE_KEYS))}")
+    method = data.get("merge_method")
+    if method is None:
         problems.append("missing merge_method")
+    elif not isinstance(method, str):
+        problems.append(f"merge_method must be a name, got {short_repr(method)}")
+    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            problems.append(f"{key} must be a string, got {short_repr(data[key])}")
+    entries = data.get("models")
+    too_many = isinstance(entries, list) and len(entries) > MAX_MODELS
+    models = _models(entries, problems)
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        problems.append("parameters must be a mapping")
+        params = {}
+    text = lambda key: data[key] if isinstance(data.get(key), str) else None  # noqa: E731
+    recipe = Recipe(
+        merge_method=method if isinstance(method, str) else "", models=models, base_model=text("base_model"),
+        parameters=dict(params), dtype=text("out_dtype") or text("dtype"), tokenizer_source=text("tokenizer_source"),
+        source=source,
+    )
+    if isinstance(method, str) and not too_many:  # with the models dropped, their checks would mislead
+        problems += recipe.problems()
+    return recipe, problems
+
+
+def _models(entries: Any, problems: list[str]) -> list[ModelSpec]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        problems.append("models must be a list of paths or {model: path} mappings")
+        return []
+    if len(entries) > MAX_MODELS:
+        problems.append(f"{len(entries)} models: at most {MAX_MODELS} can be merged at once")
+        return []
     models = []
-    for i, entry in enumerate(data.get("models") or []):
+    for i, entry in enumerate(entries):
         if isinstance(entry, str):
             models.append(ModelSpec(entry))
         elif isinstance(entry, dict) and isinstance(entry.get("model"), str):
@@ -320,19 +451,71 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
                 params = {}
             models.append(ModelSpec(entry["model"], dict(params)))
         else:
-            problems.append(f"models[{i}] must be a path or a mapping with a 'model' path")
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        problems.append("parameters must be a mapping")
-        params = {}
-    if problems:
-        raise RecipeError(problems, source)
-    dtype = data.get("out_dtype") or data.get("dtype")
-    recipe = Recipe(
-        merge_method=str(data["merge_method"]), models=models, base_model=data.get("base_model"),
-        parameters=dict(params), dtype=dtype, tokenizer_source=data.get("tokenizer_source"), source=source,
-    )
-    return recipe.validate()
+            problems.append(f"models[{i}] must be a path or a mapping with a 'model' path, got {short_repr(entry)}")
+    return models
+
+
+def read_recipe_yaml(path: str | Path) -> Any:
+    """Parse a recipe file with bounds: its size, the expanded size of YAML aliases, and nesting depth.
+
+    YAML aliases (``*name``) are allowed (mergekit recipes use them to share parameters), but the document they
+    expand to is counted, so a few hundred bytes of nested aliases cannot become billions of values; a
+    recursive alias is refused.
+
+    Raises:
+        RecipeError: one line naming the file: missing, too large, not YAML, an alias bomb or a recursive alias.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: no such file") from None
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{p}: larger than {MAX_RECIPE_BYTES // 1024} KB; a recipe is a short YAML file")
+    loader = yaml.CSafeLoader(raw) if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader(raw)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_nodes(node, {}, set(), p)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or 'parse error'})") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
+
+
+def _count_nodes(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int], path: Path) -> int:
+    """Values in ``node`` once aliases are expanded (memoised per shared node), up to just over the limit."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        mark = node.start_mark
+        raise RecipeError(f"{path}: recursive YAML alias at line {mark.line + 1} (a value that contains itself)")
+    open_nodes.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [x for pair in node.value for x in pair]
+    else:
+        children = []
+    for child in children:
+        total += _count_nodes(child, sizes, open_nodes, path)
+        if total > MAX_YAML_NODES:
+            raise RecipeError(f"{path}: expands to more than {MAX_YAML_NODES} values (YAML aliases nested too "
+                              "deeply?); write the values out")
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -344,13 +527,4 @@ def load_recipe(path: str | Path) -> Recipe:
     Example:
         >>> recipe = load_recipe("recipe.yml")  # doctest: +SKIP
     """
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{p}: no such file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{p}: not valid YAML{where}") from None
-    return recipe_from_dict(data, str(p))
+    return recipe_from_dict(read_recipe_yaml(path), str(path))
