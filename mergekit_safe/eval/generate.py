@@ -182,7 +182,7 @@ class HFBackend:
                 )
                 new = seqs[:, ids.shape[1]:].tolist()
                 for i, toks in zip(idx, new):
-                    out[i] = _decode(tok, toks, stops)
+                    out[i] = decode_response(tok, toks, stops)
                 bar.update(len(idx))
         bar.close()
         if device.type == "cuda":
@@ -190,7 +190,7 @@ class HFBackend:
         return GenerationRun([g for g in out if g is not None], time.perf_counter() - start)
 
 
-def _decode(tokenizer: Any, toks: list[int], stops: Sequence[int]) -> Generation:
+def decode_response(tokenizer: Any, toks: list[int], stops: Sequence[int]) -> Generation:
     """Cut at the first stop token (rows that ended early are padded after it) and decode."""
     end = next((j for j, t in enumerate(toks) if t in stops), None)
     n = len(toks) if end is None else end + 1
