@@ -11,6 +11,7 @@ Public API (re-exported here)::
 
 from __future__ import annotations
 
+from mergekit_safe.eval import guard as _guard  # noqa: F401  (registers the guard judges)
 from mergekit_safe.eval.evaluate import evaluate
 from mergekit_safe.eval.generate import (
     Generation,
