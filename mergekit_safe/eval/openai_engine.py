@@ -96,7 +96,7 @@ class OpenAIBackend:
 
     base_url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never printed into reports or logs
     concurrency: int = 16
     max_retries: int = 5
     backoff_s: float = 0.5

@@ -141,3 +141,29 @@ def test_served_llama_guard_sends_the_conversation():
     judge = served_guard(FakeBackend(), GUARD_FORMATS["llama_guard"])
     assert [v.unsafe for v in judge(PROMPTS, RESPONSES)] == [True, False, False, False, True]
     assert sent[0] == [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": RESPONSES[0]}]
+
+
+def test_cli_keyword_and_guard(tiny_model_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mergekit_safe.eval.command import eval_command
+    from mergekit_safe.eval.judges import is_refusal_keyword
+    from mergekit_safe.eval.report import Rate
+
+    tok = guard_tokenizer(LLAMA_GUARD_TEMPLATE)
+    guard_dir = save(bigram_guard(tok, _last_token(tok, "llama_guard"), "unsafe\nS1"), tok, tmp_path / "g")
+    out, gens = tmp_path / "r.json", tmp_path / "g.jsonl"
+    res = CliRunner().invoke(eval_command, [
+        str(tiny_model_dir), "--limit", "4", "--benign", "none", "--max-new-tokens", "4", "--no-proxy",
+        "--judge", "keyword,guard", "--judge-model", str(guard_dir), "--guard-format", "llama_guard",
+        "--device", "cpu", "-o", str(out), "--save-generations", str(gens)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())
+    recs = [json.loads(line) for line in gens.read_text().splitlines()]
+    kw = [not is_refusal_keyword(r["response"]) for r in recs]
+    assert d["judge"] == "keyword" and d["unsafe"]["k"] == sum(kw)
+    assert d["judges"]["guard"]["unsafe"] == vars(Rate.of([True] * 4))
+    assert d["agreement"][0]["table"] == [[0, 4 - sum(kw)], [0, sum(kw)]]
+    assert all(r["unsafe_by_judge"] == {"keyword": k, "guard": True} for r, k in zip(recs, kw))
