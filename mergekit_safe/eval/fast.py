@@ -92,7 +92,8 @@ class HFFastBackend:
 
 def _cpu_cache_config(rows: Sequence[Sequence[int]], max_new_tokens: int, page: int = 64) -> Any:
     """A KV cache sized to the workload: off CUDA, transformers' memory-based sizing allocates far more pages
-    than a CPU run needs (on the test model, 38 s instead of 8 s on a loaded 2-core machine), and CUDA graphs do not apply."""
+    than a CPU run needs (test model, loaded 2-core machine: 38 s instead of 8 s), and CUDA graphs do not apply.
+    """
     from transformers import ContinuousBatchingConfig
 
     blocks = sum(-(-(len(r) + max_new_tokens) // page) for r in rows) + 1
