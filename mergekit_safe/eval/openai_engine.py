@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -132,16 +133,27 @@ class OpenAIBackend:
         out: list[Generation | None] = [self.cache.get(k) if self.cache else None for k in keys]
         todo = [i for i, g in enumerate(out) if g is None]
 
+        failed = threading.Event()  # after one failure, queued requests are not sent
+
         def run(i: int) -> None:
-            out[i] = self._complete(bodies[i])
+            if failed.is_set():
+                return
+            try:
+                out[i] = self._complete(bodies[i])
+            except BaseException:
+                failed.set()
+                raise
             if self.cache:
                 self.cache.put(keys[i], out[i])  # type: ignore[arg-type]
 
         if todo:
             run(todo[0])
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            pool = ThreadPoolExecutor(max_workers=self.concurrency)
+            try:
                 for f in [pool.submit(run, i) for i in todo[1:]]:
-                    f.result()  # re-raises the first failure; the pool then finishes what was in flight
+                    f.result()  # re-raises the first failure
+            finally:  # on a failure what is in flight finishes (and is cached); the rest is never sent
+                pool.shutdown(wait=True, cancel_futures=True)
         return [g for g in out if g is not None]
 
     def _complete(self, body: dict[str, Any]) -> Generation:

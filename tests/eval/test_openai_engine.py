@@ -106,3 +106,13 @@ def test_bad_settings():
         OpenAIBackend("localhost:8000", "m")
     with pytest.raises(EvalError, match=r"concurrency must be >= 1"):
         OpenAIBackend("http://x/v1", "m", concurrency=0)
+
+
+def test_failure_mid_run_stops_sending_and_keeps_what_arrived(server, tmp_path):
+    cache = ResponseCache(tmp_path / "c")
+    server.fail_next = [200, 200, 400]  # the third request gets a non-retryable error
+    with pytest.raises(EvalError, match=r"HTTP 400: injected failure 400$"):
+        _backend(server, concurrency=1, cache=cache).generate(PROMPTS, CFG)
+    assert len(server.requests) == 3  # the pool stopped: the 4 queued prompts were never sent
+    _backend(server, concurrency=1, cache=cache).generate(PROMPTS, CFG)
+    assert len(server.requests) == 3 + 5  # the two answers that arrived were cached
