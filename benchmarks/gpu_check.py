@@ -33,8 +33,10 @@ ROOT = HERE.parent
 
 # (name, arguments on a GPU, arguments for --dry-run, seconds allowed on a GPU); the GPU budgets sum to 7 min
 STEPS: list[tuple[str, list[str], list[str], int]] = [
-    ("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
-     ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/kernels/test_dispatch.py"], 90),
+    # --import-mode=append: the package on PYTHONPATH (possibly a view, see package_root) wins over the checkout
+    ("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append", "-m", "gpu", "tests"],
+     ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append", "-m", "gpu",
+      "tests/kernels/test_dispatch.py"], 90),
     ("kernels", ["benchmarks/bench_kernels.py", "--sizes", "256MB", "--providers", "ours,copy", "--json", "{out}"],
      ["benchmarks/bench_kernels.py", "--device", "cpu", "--sizes", "64KB", "--ops", "ws2,apply",
       "--providers", "eager,copy", "--json", "{out}"], 60),
@@ -54,9 +56,27 @@ STEPS: list[tuple[str, list[str], list[str], int]] = [
 ]
 
 
+def package_root(work: Path, force_view: bool = False) -> Path:
+    """A folder from which ``import mergekit_safe.kernels`` works without installing the package.
+
+    In an install, setuptools maps ``kernels/`` to ``mergekit_safe.kernels``; a bare checkout has no such
+    folder, so a view is built in ``work``: ``mergekit_safe/`` of symlinks to the checkout's entries plus
+    ``kernels``. Nothing is written into the checkout.
+    """
+    if (ROOT / "mergekit_safe" / "kernels").is_dir() and not force_view:
+        return ROOT
+    view = work / "src" / "mergekit_safe"
+    view.mkdir(parents=True, exist_ok=True)
+    for entry in [*(ROOT / "mergekit_safe").iterdir(), ROOT / "kernels"]:
+        link = view / entry.name
+        if entry.name != "__pycache__" and not link.exists():
+            link.symlink_to(entry, target_is_directory=entry.is_dir())
+    return view.parent
+
+
 def _env(work: Path) -> dict[str, str]:
-    """PYTHONPATH with the repository first, plus pytest from benchmarks/wheels when the machine lacks it."""
-    paths = [str(ROOT)]
+    """PYTHONPATH with the package first, plus pytest from benchmarks/wheels when the machine lacks it."""
+    paths = [str(package_root(work))]
     if importlib.util.find_spec("pytest") is None:
         target = work / "wheels"
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",

@@ -44,3 +44,14 @@ def test_table_reports_a_failed_step_as_a_row():
     assert lines[3].split()[:3] == ["merge", "FAILED", "rc=124"] and lines[3].endswith("timed out after 150 s")
     assert lines[4].split() == ["EMA", "update", "[kernel]", "0.100", "ms", "2.5%", "of", "AdamW", "step", "(4.00",
                                 "ms)"]
+
+
+def test_package_view_makes_kernels_importable_without_install(tmp_path):
+    root = gpu_check.package_root(tmp_path, force_view=True)
+    assert root == tmp_path / "src"
+    code = "import mergekit_safe.kernels, mergekit_safe.eval; print(mergekit_safe.kernels.__file__)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().startswith(str(tmp_path / "src" / "mergekit_safe" / "kernels"))
+    assert gpu_check.package_root(tmp_path, force_view=True) == root  # idempotent
