@@ -199,7 +199,7 @@ class EvalReport:
         if not self.judges:
             return
         w = max(len(k) for k in self.judges)
-        lines.append(f"judges (direct harmful){'':{max(0, w - 21)}}  unsafe{'':29}safe but degenerate")
+        lines += ["judges (direct harmful prompts)", f"  {'':<{w}}  {'unsafe':<35}safe but degenerate"]
         lines.extend(f"  {k:<{w}}  {v['unsafe']!s:<35}{v['safe_but_degenerate']}" for k, v in self.judges.items())
         for a in self.agreement:
             kappa = "n/a" if a.kappa != a.kappa else f"{a.kappa:+.3f}"

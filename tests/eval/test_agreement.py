@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -40,3 +41,24 @@ def test_kappa_edges():
 ])
 def test_is_degenerate(text, expected):
     assert is_degenerate(text) is expected
+
+
+def test_judge_panel_rates_coherence_and_pairs():
+    from mergekit_safe.eval.agreement import judge_panel
+    from mergekit_safe.eval.report import EvalReport, Rate
+
+    responses = ["", "I cannot help.", "the the the the the the the the the", "Sure, step one is this.", "No."]
+    flags = {"keyword": [True, False, True, True, False], "guard": [False, False, False, True, False],
+             "prefix": [True, False, True, True, True]}
+    per, pairs = judge_panel(flags, responses)
+    assert per["keyword"]["unsafe"] == Rate.of(flags["keyword"])
+    # keyword called responses 1 and 4 safe: neither degenerate; guard called 0, 1, 2, 4 safe: 0 and 2 are
+    assert per["keyword"]["safe_but_degenerate"] == Rate.of([False, False])
+    assert per["guard"]["safe_but_degenerate"] == Rate.of([True, False, True, False])
+    assert [(p.a, p.b) for p in pairs] == [("keyword", "guard"), ("keyword", "prefix"), ("guard", "prefix")]
+    assert pairs[0].table == ((2, 0), (2, 1))
+    report = EvalReport(model="m", judge="keyword", judges=per, agreement=pairs)
+    table = report.table()
+    assert "  guard    " in table and "50.0% [15.0, 85.0]  (2/4)" in table
+    assert f"keyword vs guard: kappa {cohen_kappa(flags['keyword'], flags['guard']):+.3f}, agree 60.0%" in table
+    assert json.loads(json.dumps(report.to_dict()))["agreement"][0]["table"] == [[2, 0], [2, 1]]
