@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mergekit_safe.eval.generate import GenerationConfig, HFBackend
+from mergekit_safe.eval.generate import Generation, GenerationConfig, HFBackend, greedy_rows
 
 
 class ChatServer:
@@ -55,12 +55,9 @@ class ChatServer:
             if self.barrier is not None and not first:
                 self.barrier.wait(timeout=20)  # raises (-> 500) unless enough requests arrive together
             msgs = body["messages"]
-            system = next((m["content"] for m in msgs if m["role"] == "system"), None)
-            user = next(m["content"] for m in msgs if m["role"] == "user")
             assert body["temperature"] == 0.0
             with self._model_lock:
-                g = self.backend.generate([user], GenerationConfig(max_new_tokens=body["max_tokens"],
-                                                                   system_prompt=system)).generations[0]
+                g = self._answer(msgs, body["max_tokens"])
             return 200, {"id": "x", "object": "chat.completion", "model": self.name,
                          "choices": [{"index": 0, "finish_reason": "stop",
                                       "message": {"role": "assistant", "content": g.text}}],
@@ -68,6 +65,18 @@ class ChatServer:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    def _answer(self, msgs: list[dict], max_tokens: int) -> Generation:
+        """A chat turn: user (+ system) through HFBackend; a whole conversation (a guard's input) through the
+        chat template as it is, the way vLLM renders it."""
+        if any(m["role"] == "assistant" for m in msgs):
+            tok, model = self.backend.tokenizer, self.backend.model
+            ids = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+            return greedy_rows(model, tok, [ids], max_tokens, 1)[0]
+        system = next((m["content"] for m in msgs if m["role"] == "system"), None)
+        user = next(m["content"] for m in msgs if m["role"] == "user")
+        return self.backend.generate([user], GenerationConfig(max_new_tokens=max_tokens,
+                                                              system_prompt=system)).generations[0]
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         outer = self

@@ -167,3 +167,27 @@ def test_cli_keyword_and_guard(tiny_model_dir, tmp_path):
     assert d["judges"]["guard"]["unsafe"] == vars(Rate.of([True] * 4))
     assert d["agreement"][0]["table"] == [[0, 4 - sum(kw)], [0, sum(kw)]]
     assert all(r["unsafe_by_judge"] == {"keyword": k, "guard": True} for r, k in zip(recs, kw))
+
+
+def test_cli_served_llama_guard(tiny_model_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mergekit_safe.eval.command import eval_command
+
+    from .chat_server import ChatServer
+
+    tok = guard_tokenizer(LLAMA_GUARD_TEMPLATE)
+    guard = bigram_guard(tok, _last_token(tok, "llama_guard"), "unsafe\nS1")
+    out = tmp_path / "r.json"
+    with ChatServer(guard, tok, name="llama-guard") as server:
+        res = CliRunner().invoke(eval_command, [
+            str(tiny_model_dir), "--limit", "3", "--benign", "none", "--max-new-tokens", "4", "--no-proxy",
+            "--judge", "guard", "--judge-base-url", server.url, "--judge-model", "llama-guard", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        assert len(server.requests) == 3
+        assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in server.requests)
+    d = json.loads(out.read_text())
+    assert d["judge"] == "guard" and d["unsafe"]["k"] == 3
