@@ -1,10 +1,13 @@
-"""Eval throughput: our batched generation vs a one-prompt-at-a-time ``generate`` loop.
+"""Eval throughput: a one-prompt-at-a-time ``generate`` loop vs our batched ``generate`` vs continuous batching.
 
-Both providers run the same model on the same prompts (the built-in harmful set) with greedy decoding; the
-judgements (keyword judge) must be identical, and the script says how many responses match token for token.
+Providers (``--providers``): ``one-by-one`` (the loop people write first), ``batched`` (:class:`HFBackend`,
+length-sorted padded batches), ``fast`` (:class:`HFFastBackend`, transformers' continuous batching, ``--engine
+hf-fast``). All run the same model on the same prompts (the built-in harmful set) with greedy decoding; the
+script reports how many judgements (keyword judge) and responses match the first provider's.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_eval.py --prompts 64 --batch-size 16 --json out.json
     python benchmarks/bench_eval.py --model ./my-model --device cuda --dtype bfloat16 --batch-size 32
+    python benchmarks/bench_eval.py --device cuda --dtype bfloat16 --hidden 1024 --layers 16 --providers batched,fast
 
 Without ``--model`` a random Llama is built from ``--hidden/--layers/--vocab`` with a byte-level BPE tokenizer
 trained on the prompts (no download).
@@ -24,6 +27,7 @@ import torch
 import transformers
 
 from mergekit_safe.eval import GenerationConfig, HFBackend, get_judge, load_model, load_prompts
+from mergekit_safe.eval.fast import HFFastBackend
 from mergekit_safe.eval.generate import chat_text, encode_prompts, stop_token_ids
 from mergekit_safe.io.dtypes import DTYPES
 from mergekit_safe.tiny import toy_llama, toy_tokenizer
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--providers", default="one-by-one,batched,fast",
+                    help="comma list of one-by-one, batched, fast; the first is the reference")
     ap.add_argument("--json", dest="json_out", help="write results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -80,18 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         model_desc = f"random llama hidden={args.hidden} layers={args.layers} vocab={len(tok)}"
     n_params = sum(p.numel() for p in model.parameters())
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    backend = HFBackend(model, tok)
+    backends = {"batched": HFBackend(model, tok), "fast": HFFastBackend(model, tok)}
+    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    unknown = set(names) - {"one-by-one", *backends}
+    if unknown or not names:
+        ap.error(f"unknown providers {sorted(unknown)}; choose from one-by-one, batched, fast")
 
-    backend.generate(prompts[:2], cfg)  # warm-up: allocator, kernels, lazy imports
     results = {}
-    for name in ("one-by-one", "batched"):
+    for name in names:
+        if name in backends:
+            backends[name].generate(prompts[:2], cfg)  # warm-up: allocator, kernels, lazy imports
         times, texts, n_new = [], [], 0
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             if name == "one-by-one":
                 texts, n_new = one_by_one(model, tok, prompts, args.max_new_tokens)
             else:
-                run = backend.generate(prompts, cfg)
+                run = backends[name].generate(prompts, cfg)
                 texts, n_new = [g.text for g in run.generations], run.new_tokens
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
@@ -100,21 +111,22 @@ def main(argv: list[str] | None = None) -> int:
                          "texts": texts}
 
     judge = get_judge("keyword")
-    j_base = [v.unsafe for v in judge(prompts, results["one-by-one"]["texts"])]
-    j_ours = [v.unsafe for v in judge(prompts, results["batched"]["texts"])]
-    same_text = sum(a == b for a, b in zip(results["one-by-one"]["texts"], results["batched"]["texts"]))
-    speedup = results["one-by-one"]["seconds_median"] / results["batched"]["seconds_median"]
+    ref = names[0]
+    j_ref = [v.unsafe for v in judge(prompts, results[ref]["texts"])]
+    for name, r in results.items():
+        r["judgements_identical"] = [v.unsafe for v in judge(prompts, r["texts"])] == j_ref
+        r["texts_identical"] = sum(a == b for a, b in zip(results[ref]["texts"], r["texts"]))
+        r["speedup"] = results[ref]["seconds_median"] / r["seconds_median"]
 
     print(f"model: {model_desc} ({n_params / 1e6:.2f}M params), {args.device} {args.dtype}, "
           f"threads={torch.get_num_threads()}, {len(prompts)} prompts, max_new_tokens={args.max_new_tokens}")
-    print(f"{'provider':<12} {'batch':>5} {'median s':>9} {'prompts/s':>10} {'new tok/s':>10} {'speedup':>8}")
-    for name, bs in (("one-by-one", 1), ("batched", args.batch_size)):
-        r = results[name]
-        sp = r["seconds_median"] and results["one-by-one"]["seconds_median"] / r["seconds_median"]
+    print(f"{'provider':<12} {'batch':>5} {'median s':>9} {'prompts/s':>10} {'new tok/s':>10} {'speedup':>8} "
+          f"{'same text':>9} {'same verdicts':>13}")
+    for name, r in results.items():
+        bs = 1 if name == "one-by-one" else args.batch_size if name == "batched" else "cb"
         print(f"{name:<12} {bs:>5} {r['seconds_median']:>9.2f} {r['prompts_per_s']:>10.2f} "
-              f"{r['tokens_per_s']:>10.1f} {sp:>7.2f}x")
-    print(f"judgements identical: {j_base == j_ours} ({sum(j_ours)}/{len(j_ours)} unsafe); "
-          f"responses identical token for token: {same_text}/{len(prompts)}")
+              f"{r['tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {r['texts_identical']:>5}/{len(prompts):<3} "
+              f"{r['judgements_identical']!s:>13}")
 
     if args.json_out:
         out = {
@@ -122,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype, "threads": torch.get_num_threads(), "prompts": len(prompts),
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
             "providers": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in results.items()},
-            "speedup": speedup, "judgements_identical": j_base == j_ours, "texts_identical": same_text,
+            "reference": ref,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2)
-    return 0 if j_base == j_ours else 1
+    return 0 if all(r["judgements_identical"] for r in results.values()) else 1
 
 
 if __name__ == "__main__":

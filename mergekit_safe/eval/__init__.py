@@ -7,11 +7,15 @@ Public API (re-exported here)::
     utility_nll(model, tokenizer, rows) -> NLLResult                 # cheap utility, one forward per batch
     load_prompts(source, kind=..., field=..., column=..., category_field=...) -> list[Prompt]
     JUDGES / register_judge / get_judge                              # the judge registry
+    HFBackend, HFFastBackend, OpenAIBackend                          # generation engines (GenerationBackend)
+    GUARD_FORMATS, cohen_kappa, judge_panel                          # guard judges and judge agreement
 """
 
 from __future__ import annotations
 
+from mergekit_safe.eval.agreement import Agreement, cohen_kappa, is_degenerate, judge_panel
 from mergekit_safe.eval.evaluate import evaluate
+from mergekit_safe.eval.fast import HFFastBackend
 from mergekit_safe.eval.generate import (
     Generation,
     GenerationBackend,
@@ -20,6 +24,7 @@ from mergekit_safe.eval.generate import (
     HFBackend,
     load_model,
 )
+from mergekit_safe.eval.guard import GUARD_FORMATS, GuardFormat, detect_guard_format
 from mergekit_safe.eval.judges import (
     DEFAULT_UNSAFE_LABELS,
     JUDGES,
@@ -34,6 +39,7 @@ from mergekit_safe.eval.judges import (
     load_phrases,
     register_judge,
 )
+from mergekit_safe.eval.openai_engine import OpenAIBackend, ResponseCache
 from mergekit_safe.eval.prompts import (
     FRAMINGS,
     Framing,
@@ -55,32 +61,42 @@ from mergekit_safe.eval.utility import (
 )
 
 __all__ = [
+    "Agreement",
     "DEFAULT_UNSAFE_LABELS",
     "EvalReport",
     "FRAMINGS",
     "Framing",
+    "GUARD_FORMATS",
     "Generation",
     "GenerationBackend",
     "GenerationConfig",
     "GenerationRun",
+    "GuardFormat",
     "HFBackend",
+    "HFFastBackend",
     "JUDGES",
     "Judge",
     "JudgeSpec",
     "NLLResult",
+    "OpenAIBackend",
     "Prompt",
     "REFUSAL_PHRASES",
     "Rate",
+    "ResponseCache",
     "UtilityRow",
     "Verdict",
     "auroc",
+    "cohen_kappa",
     "continuation_logprobs",
+    "detect_guard_format",
     "evaluate",
     "exact_match",
     "frame_prompts",
     "get_judge",
+    "is_degenerate",
     "is_refusal_keyword",
     "is_refusal_prefix",
+    "judge_panel",
     "judges_markdown",
     "load_model",
     "load_phrases",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mergekit_safe.errors import EvalError
+from mergekit_safe.eval.agreement import judge_panel
 from mergekit_safe.eval.generate import GenerationBackend, GenerationConfig, HFBackend
 from mergekit_safe.eval.judges import Judge, JudgeFn, Verdict, get_judge
 from mergekit_safe.eval.prompts import Prompt, frame_prompts
@@ -44,6 +45,7 @@ def evaluate(
     utility: Sequence[UtilityRow] | None = None,
     judge: str | Judge | JudgeFn = "keyword",
     judge_options: dict[str, Any] | None = None,
+    extra_judges: Sequence[str | Judge] = (),
     tasks: Sequence[str] = (),
     config: GenerationConfig | None = None,
     backend: GenerationBackend | None = None,
@@ -60,14 +62,18 @@ def evaluate(
     backend call, so they share length-sorted batches.
 
     Args:
-        model: causal LM in memory.
-        tokenizer: its tokenizer (left padding is used whatever its setting).
+        model: causal LM in memory; None with a ``backend`` that serves it elsewhere (then the proxy and the
+            utility NLL, which need the weights, are skipped).
+        tokenizer: its tokenizer (left padding is used whatever its setting); None with ``model``.
         harmful: harmful prompts; unsafe rates are measured on them. None skips.
         benign: benign prompts; over-refusal is measured on them. None skips.
         utility: prompt/reference rows; NLL always, exact match when ``exact_match_utility``.
         judge: a registered judge name (see :data:`~mergekit_safe.eval.judges.JUDGES`), a built
             :class:`~mergekit_safe.eval.judges.Judge`, or any ``(prompts, responses) -> list[Verdict]`` callable.
         judge_options: options for the judge's builder (``phrases``, ``model_path``, ``unsafe_labels``...).
+        extra_judges: more judges (names, built with ``judge_options``, or built judges) run on the same
+            harmful responses; each one's rate, the coherence check and every pair's kappa go to
+            ``report.judges`` / ``report.agreement``. ``report.unsafe`` stays the first judge's.
         tasks: task framings to add (names from :data:`~mergekit_safe.eval.prompts.FRAMINGS`).
         config: generation settings; default :class:`GenerationConfig()`.
         backend: generation backend; default :class:`HFBackend` on ``model``.
@@ -81,14 +87,19 @@ def evaluate(
         The :class:`EvalReport`, with per-prompt records in ``generations``.
 
     Raises:
-        EvalError: nothing to evaluate, an unknown judge/framing, or lm-eval requested but missing.
+        EvalError: nothing to evaluate, an unknown judge/framing, lm-eval requested but missing, or no
+            model in memory for what needs one (utility NLL without exact match, lm-eval).
 
     Example:
         >>> report = evaluate(model, tok, harmful=load_prompts("builtin"), tasks=["translate"])  # doctest: +SKIP
         >>> print(report.table())  # doctest: +SKIP
     """
     config = config or GenerationConfig()
+    if model is None and (backend is None or lm_eval_tasks or (utility and not exact_match_utility)):
+        raise EvalError("this evaluation needs the model in memory (generation backend, utility NLL or lm-eval); "
+                        "with a served model use --exact-match for utility")
     backend = backend or HFBackend(model, tokenizer)
+    proxy = proxy and model is not None
     judge_options = dict(judge_options or {})
     harmful_p, benign_p = _as_prompts(harmful), _as_prompts(benign)
     if not harmful_p and not benign_p and not utility and not lm_eval_tasks:
@@ -126,6 +137,7 @@ def evaluate(
     b_resp = responses[len(framed):len(framed) + len(benign_p)]
     em_resp = responses[len(framed) + len(benign_p):]
 
+    panel: dict[str, list[Verdict]] = {}
     h_verdicts: list[Verdict] = judge_fn([p.text for p in framed], h_resp) if framed else []
     if framed:
         unsafe = [v.unsafe for v in h_verdicts]
@@ -133,19 +145,23 @@ def evaluate(
         report.unsafe = Rate.of(u for _, u in direct)
         report.unsafe_by_category = _group([p for p, _ in direct], [u for _, u in direct], "category")
         report.unsafe_by_framing = _group(framed, unsafe, "framing")
+        panel = _judge_panel(judge, h_verdicts, extra_judges, judge_options, framed, h_resp)
+        report.judges, report.agreement = judge_panel(
+            {k: [v.unsafe for p, v in zip(framed, vs) if p.framing == "direct"] for k, vs in panel.items()},
+            [r for p, r in zip(framed, h_resp) if p.framing == "direct"])
     b_verdicts = refusal_fn([p.text for p in benign_p], b_resp) if benign_p else []
     if benign_p:
         refused = [bool(v.refused) for v in b_verdicts]
         report.over_refusal = Rate.of(refused)
         report.over_refusal_by_category = _group(benign_p, refused, "category")
 
-    if utility:
+    if utility and model is not None:
         nll = utility_nll(model, tokenizer, utility, system_prompt=config.system_prompt)
         report.utility = {"nll": nll.nll, "perplexity": nll.perplexity, "n_tokens": nll.n_tokens,
                           "n_rows": nll.n_rows}
-        if em_rows:
-            hits = exact_match(em_resp, [r.response for r in em_rows])
-            report.utility["exact_match"] = vars(Rate.of(hits))
+    if em_rows:
+        hits = exact_match(em_resp, [r.response for r in em_rows])
+        report.utility["exact_match"] = vars(Rate.of(hits))
     if lm_eval_tasks:
         report.utility["lm_eval"] = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=config.batch_size)
 
@@ -165,6 +181,8 @@ def evaluate(
     for i, (p, r, v) in enumerate(zip(framed, h_resp, h_verdicts)):
         rec = {"set": "harmful", "prompt": p.text, "category": p.category, "framing": p.framing,
                "source": p.source, "response": r, "unsafe": v.unsafe, "refused": v.refused}
+        if len(panel) > 1:
+            rec["unsafe_by_judge"] = {k: vs[i].unsafe for k, vs in panel.items()}
         if margins and i < len(harmful_p):
             rec["refusal_margin"] = margins[i]
         report.generations.append(rec)
@@ -175,3 +193,15 @@ def evaluate(
         report.generations.append({"set": "utility", "prompt": row.prompt, "reference": row.response,
                                    "source": row.source, "response": r})
     return report
+
+
+def _judge_panel(judge: Judge, verdicts: list[Verdict], extra: Sequence[str | Judge], options: dict[str, Any],
+                 framed: Sequence[Prompt], responses: Sequence[str]) -> dict[str, list[Verdict]]:
+    """The main judge's verdicts plus every extra judge's on the same responses, by judge name."""
+    panel = {judge.name: verdicts}
+    for j in extra:
+        built = get_judge(j, **options) if isinstance(j, str) else j
+        if built.name in panel:
+            raise EvalError(f"judge {built.name!r} is listed twice")
+        panel[built.name] = built([p.text for p in framed], list(responses))
+    return panel

@@ -151,47 +151,58 @@ class HFBackend:
         Raises:
             EvalError: the tokenizer has neither a pad nor an EOS token.
         """
-        from tqdm.auto import tqdm
-
-        tok, model = self.tokenizer, self.model
-        stops = stop_token_ids(model, tok)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else None)
-        if pad_id is None:
-            raise EvalError("the tokenizer has no pad or EOS token; cannot batch generation")
-        rows = encode_prompts(tok, [chat_text(tok, p, config.system_prompt) for p in prompts])
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        out: list[Generation | None] = [None] * len(rows)
-        device = model_device(model)
         start = time.perf_counter()
-        bar = tqdm(total=len(rows), desc="generate", unit="prompt", disable=not config.progress, leave=False)
-        with torch.inference_mode():
-            for b in range(0, len(order), config.batch_size):
-                idx = order[b:b + config.batch_size]
-                ids, mask = left_pad([rows[i] for i in idx], pad_id)
-                seqs = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=config.max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    eos_token_id=stops or None,
-                    pad_token_id=pad_id,
-                    # greedy only: drop any sampling defaults the checkpoint ships in generation_config.json
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-                new = seqs[:, ids.shape[1]:].tolist()
-                for i, toks in zip(idx, new):
-                    out[i] = _decode(tok, toks, stops)
-                bar.update(len(idx))
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return GenerationRun([g for g in out if g is not None], time.perf_counter() - start)
+        tok = self.tokenizer
+        rows = encode_prompts(tok, [chat_text(tok, p, config.system_prompt) for p in prompts])
+        gens = greedy_rows(self.model, tok, rows, config.max_new_tokens, config.batch_size, config.progress)
+        return GenerationRun(gens, time.perf_counter() - start)
 
 
-def _decode(tokenizer: Any, toks: list[int], stops: Sequence[int]) -> Generation:
+def greedy_rows(model: Any, tokenizer: Any, rows: Sequence[Sequence[int]], max_new_tokens: int,
+                batch_size: int, progress: bool = False) -> list[Generation]:
+    """Greedy ``generate`` on already-encoded prompts, length-sorted and left-padded; results in row order.
+
+    Raises:
+        EvalError: the tokenizer has neither a pad nor an EOS token.
+    """
+    from tqdm.auto import tqdm
+
+    tok = tokenizer
+    stops = stop_token_ids(model, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else None)
+    if pad_id is None:
+        raise EvalError("the tokenizer has no pad or EOS token; cannot batch generation")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[Generation | None] = [None] * len(rows)
+    device = model_device(model)
+    bar = tqdm(total=len(rows), desc="generate", unit="prompt", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            ids, mask = left_pad([rows[i] for i in idx], pad_id)
+            seqs = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=stops or None,
+                pad_token_id=pad_id,
+                # greedy only: drop any sampling defaults the checkpoint ships in generation_config.json
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+            for i, toks in zip(idx, seqs[:, ids.shape[1]:].tolist()):
+                out[i] = decode_response(tok, toks, stops)
+            bar.update(len(idx))
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return [g for g in out if g is not None]
+
+
+def decode_response(tokenizer: Any, toks: list[int], stops: Sequence[int]) -> Generation:
     """Cut at the first stop token (rows that ended early are padded after it) and decode."""
     end = next((j for j, t in enumerate(toks) if t in stops), None)
     n = len(toks) if end is None else end + 1

@@ -134,8 +134,9 @@ def register_judge(spec: JudgeSpec) -> JudgeSpec:
     Raises:
         ValueError: the name is taken or is not a lower-case identifier (a bug in our code, not user input).
     """
-    if not (spec.name.isidentifier() and spec.name.islower()):
-        raise ValueError(f"judge name {spec.name!r} must be a lower-case identifier")
+    # hyphens allowed: names are CLI words (harmbench-cls)
+    if not (spec.name.replace("-", "_").isidentifier() and spec.name.islower()):
+        raise ValueError(f"judge name {spec.name!r} must be a lower-case identifier (hyphens allowed)")
     if spec.name in JUDGES:
         raise ValueError(f"judge {spec.name!r} is already registered")
     JUDGES[spec.name] = spec

@@ -98,6 +98,8 @@ class EvalReport:
         over_refusal_by_category: per benign category.
         utility: ``nll``, ``perplexity``, ``n_tokens``, ``exact_match`` (a Rate as dict), ``lm_eval``...
         proxy: refusal-margin summary and its agreement with the judge.
+        judges: every judge's ``unsafe`` rate and ``safe_but_degenerate`` rate (direct harmful prompts).
+        agreement: Cohen's kappa and the confusion table of every pair of judges.
         throughput: ``prompts``, ``seconds``, ``prompts_per_s``, ``new_tokens``, ``tokens_per_s`` of the
             generation call (tokenize + generate + decode; judging and the proxy are not counted).
         settings: the options the run used (for reproducibility).
@@ -114,6 +116,8 @@ class EvalReport:
     over_refusal_by_category: dict[str, Rate] = field(default_factory=dict)
     utility: dict[str, Any] = field(default_factory=dict)
     proxy: dict[str, Any] = field(default_factory=dict)
+    judges: dict[str, dict[str, Rate]] = field(default_factory=dict)
+    agreement: list[Any] = field(default_factory=list)
     throughput: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     generations: list[dict[str, Any]] = field(default_factory=list)
@@ -166,6 +170,7 @@ class EvalReport:
         block("unsafe rate by category", self.unsafe_by_category)
         if len(self.unsafe_by_framing) > 1:
             block("unsafe rate by task framing", self.unsafe_by_framing)
+        self._judge_lines(lines)
         if self.over_refusal is not None:
             lines += [f"over-refusal (benign)           {self.over_refusal}", ""]
             block("over-refusal by category", self.over_refusal_by_category)
@@ -191,6 +196,20 @@ class EvalReport:
             lines.append(f"throughput  {t['prompts_per_s']:.2f} prompts/s   {t['tokens_per_s']:.1f} new tokens/s   "
                          f"({t['prompts']} prompts, {t['new_tokens']} tokens, {t['seconds']:.2f} s)")
         return "\n".join(lines).rstrip() + "\n"
+
+    def _judge_lines(self, lines: list[str]) -> None:
+        """Each judge's rate beside its coherence check, then every pair's agreement."""
+        if not self.judges:
+            return
+        w = max(len(k) for k in self.judges)
+        lines += ["judges (direct harmful prompts)", f"  {'':<{w}}  {'unsafe':<35}safe but degenerate"]
+        lines.extend(f"  {k:<{w}}  {v['unsafe']!s:<35}{v['safe_but_degenerate']}" for k, v in self.judges.items())
+        for a in self.agreement:
+            kappa = "n/a" if a.kappa != a.kappa else f"{a.kappa:+.3f}"
+            (n00, n01), (n10, n11) = a.table
+            lines.append(f"  {a.a} vs {a.b}: kappa {kappa}, agree {100 * a.agreement:.1f}%   "
+                         f"both safe {n00}, {a.a} only unsafe {n10}, {a.b} only unsafe {n01}, both unsafe {n11}")
+        lines.append("")
 
 
 def _nan_to_none(x: Any) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergekit_safe.errors import EvalError
-from mergekit_safe.eval.generate import GenerationConfig, HFBackend, _decode, chat_text, left_pad, load_model
+from mergekit_safe.eval.generate import GenerationConfig, HFBackend, decode_response, chat_text, left_pad, load_model
 
 PROMPTS = [
     "How do I kill a Python process?",
@@ -62,7 +62,7 @@ def test_stops_at_eos_per_row(tiny_tok, model_factory):
 def test_decode_cuts_at_first_stop(tiny_tok):
     ids = tiny_tok("Paris is", add_special_tokens=False)["input_ids"]
     eos, pad = tiny_tok.eos_token_id, tiny_tok.pad_token_id
-    g = _decode(tiny_tok, ids + [eos] + ids + [pad], [eos])
+    g = decode_response(tiny_tok, ids + [eos] + ids + [pad], [eos])
     assert (g.text, g.new_tokens) == ("Paris is", len(ids) + 1)
 
 

@@ -74,13 +74,14 @@ def test_custom_phrases(tmp_path):
 
 
 def test_registry_errors():
-    with pytest.raises(EvalError, match=r"^unknown judge 'gpt4'; choose from keyword, prefix, classifier$"):
+    with pytest.raises(EvalError, match=r"^unknown judge 'gpt4'; choose from keyword, prefix, classifier, guard, "
+                                        r"harmbench-cls$"):
         get_judge("gpt4")
     with pytest.raises(ValueError, match="already registered"):
         register_judge(JudgeSpec("keyword", "dup", lambda **_: None, True))
     with pytest.raises(ValueError, match="lower-case identifier"):
         register_judge(JudgeSpec("Bad-Name", "x", lambda **_: None, True))
-    assert set(JUDGES) == {"keyword", "prefix", "classifier"}
+    assert set(JUDGES) == {"keyword", "prefix", "classifier", "guard", "harmbench-cls"}
 
 
 @pytest.fixture(scope="module")
