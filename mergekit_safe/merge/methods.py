@@ -19,6 +19,7 @@ import torch
 from mergekit_safe import kernels
 from mergekit_safe.errors import RecipeError
 from mergekit_safe.kernels import reference
+from mergekit_safe.merge import geometry, sparsify
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,148 @@ register(MergeMethod(
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _LAMBDA, _normalize(True), _SEED, _RESCALE),
     combine=_dare_ties,
+))
+
+
+# --- mergekit's other methods: option sets of merge/sparsify.py and the two-pass merges of merge/geometry.py ---
+
+_INT8_MASK = Param("int8_mask", False, tensor=False,
+                   doc="accepted for mergekit recipes; masks are boolean here, so it changes nothing")
+
+
+def _rescale_l1(default: bool) -> Param:
+    return Param("rescale", default, tensor=False, doc="scale survivors so each task vector keeps its L1 norm")
+
+
+def _gta(sparsification: str, consensus: bool) -> Callable[[TensorJob], torch.Tensor]:
+    """A ``combine`` for one option set of the task-vector processor."""
+
+    def combine(job: TensorJob) -> torch.Tensor:
+        assert job.base is not None
+        p = job.params
+        return sparsify.task_vector_merge(
+            job.base, job.models, name=job.name, sparsification=sparsification, consensus=consensus,
+            weights=p.per_model["weight"], densities=p.per_model["density"], normalize=bool(p["normalize"]),
+            rescale=bool(p["rescale"]), lam=float(p["lambda"]), gammas=p.per_model.get("gamma"),
+            epsilons=p.per_model.get("epsilon"), seed=int(p.values.get("seed", 0)), out_dtype=job.out_dtype,
+        )
+
+    return combine
+
+
+def _sce(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    return sparsify.sce_merge(job.base, job.models, float(job.params["select_topk"]), out_dtype=job.out_dtype)
+
+
+def _model_stock(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    return geometry.model_stock(job.base, job.models, bool(job.params["filter_wise"]), out_dtype=job.out_dtype)
+
+
+def _nuslerp(job: TensorJob) -> torch.Tensor:
+    p = job.params
+    return geometry.nuslerp(job.base, job.models, p.per_model["weight"], bool(p["nuslerp_row_wise"]),
+                            bool(p["nuslerp_flatten"]), out_dtype=job.out_dtype)
+
+
+def _multislerp(job: TensorJob) -> torch.Tensor:
+    p = job.params
+    return geometry.multislerp(job.base, job.models, p.per_model["weight"], bool(p["normalize_weights"]),
+                               float(p["eps"]), out_dtype=job.out_dtype)
+
+
+def _karcher(job: TensorJob) -> torch.Tensor:
+    inputs = ([job.base] if job.base is not None else []) + list(job.models)
+    return geometry.karcher(inputs, int(job.params["max_iter"]), float(job.params["tol"]), out_dtype=job.out_dtype)
+
+
+def _nearswap(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    return geometry.nearswap(job.base, job.models[0], float(job.params["t"]), out_dtype=job.out_dtype)
+
+
+def _passthrough(p: Resolved, has_base: bool, n: int) -> list[float]:
+    return [float(s) for s in p.per_model["scale"]]
+
+
+_GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="fraction of largest magnitudes removed")
+_EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0,
+                 doc="keep probabilities span density +- epsilon by magnitude rank")
+register(MergeMethod(
+    "breadcrumbs", "Model Breadcrumbs: drop the gamma largest and the smallest task-vector entries down to "
+    "density, weighted sum: base + lambda*sum_i w_i*mask_i(tau_i)",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
+    combine=_gta("magnitude_outliers", consensus=False),
+))
+register(MergeMethod(
+    "breadcrumbs_ties", "Model Breadcrumbs' sparsification, then TIES sign election and disjoint sum",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
+    combine=_gta("magnitude_outliers", consensus=True),
+))
+register(MergeMethod(
+    "della", "DELLA: keep entries with probability density +- epsilon by magnitude rank (seeded), rescale, "
+    "TIES sign election and disjoint mean",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(True), _rescale_l1(True), _SEED, _INT8_MASK),
+    combine=_gta("della_magprune", consensus=True),
+))
+register(MergeMethod(
+    "della_linear", "DELLA's magnitude-ranked seeded drop and rescale, then a weighted sum of task vectors",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(False), _rescale_l1(True), _SEED, _INT8_MASK),
+    combine=_gta("della_magprune", consensus=False),
+))
+register(MergeMethod(
+    "sce", "SCE: keep the top-variance entries, weight models by task-vector energy, erase minority signs",
+    base="required", min_models=1, max_models=None,
+    params=(Param("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept"),
+            _INT8_MASK),
+    combine=_sce,
+))
+register(MergeMethod(
+    "model_stock", "Model Stock: base + t*(mean(models) - base), t = N*cos/(1+(N-1)*cos) from the task "
+    "vectors' mean pairwise cosine",
+    base="required", min_models=2, max_models=None,
+    params=(Param("filter_wise", False, tensor=False, doc="one t per row instead of per tensor"),),
+    combine=_model_stock,
+))
+register(MergeMethod(
+    "nuslerp", "SLERP between two models (their task vectors when a base is given) at t = w1/(w0+w1)",
+    base="optional", min_models=2, max_models=2,
+    params=(_WEIGHT, Param("nuslerp_row_wise", False, tensor=False, doc="without flatten: SLERP columns"),
+            Param("nuslerp_flatten", True, tensor=False, doc="SLERP the whole tensor as one vector")),
+    combine=_nuslerp,
+))
+register(MergeMethod(
+    "multislerp", "barycentric SLERP of N models (task vectors with a base) through the tangent space at "
+    "their weighted mean direction",
+    base="optional", min_models=1, max_models=None,
+    params=(_WEIGHT, Param("normalize_weights", True, tensor=False, doc="divide the weights by their sum"),
+            Param("eps", 1e-8, tensor=False, low=0.0, doc="numerical floor of the norms")),
+    combine=_multislerp,
+))
+register(MergeMethod(
+    "karcher", "Karcher (Riemannian) mean of the inputs' directions on the sphere, times their mean norm; "
+    "a base, if given, is one more input",
+    base="optional", min_models=1, max_models=None,
+    params=(Param("max_iter", 10, tensor=False, low=1, doc="most fixed-point iterations"),
+            Param("tol", 1e-5, tensor=False, low=0.0, doc="convergence tolerance of the tangent step")),
+    combine=_karcher,
+))
+register(MergeMethod(
+    "nearswap", "w = clamp(t/|base - model|, 0, 1); w*model + (1-w)*base: keep the model where it is near",
+    base="required", min_models=1, max_models=1,
+    params=(Param("t", None, low=0.0, doc="distance below which the model's value is taken"),),
+    combine=_nearswap,
+))
+register(MergeMethod(
+    "passthrough", "scale*model: copy one model (the building block of slices recipes)",
+    base="none", min_models=1, max_models=1,
+    params=(Param("scale", 1.0, per_model=True, doc="factor applied to the model's tensors"),),
+    coefficients=_passthrough,
 ))
 
 
