@@ -361,3 +361,74 @@ def test_engine_runs_each_method_per_tensor(method: str, three_models: tuple[Pat
                               ENGINE_CASES[method], name=name)
         # the engine computes in float32 from float32 inputs: a few float32 ulps of the weights
         assert_close(out[name], expected, 1e-6, 1e-5, what=f"{method} {name}")
+
+
+# ---- slices (frankenmerges) ----
+
+def _write_recipe(tmp_path: Path, slices: list[tuple[Path, int, int]], extra: str = "") -> Path:
+    lines = ["# mergekit-safe merge --config franken.yml -o out", "merge_method: passthrough", "slices:"]
+    for model, a, b in slices:
+        lines += ["  - sources:", f"      - model: {model}", f"        layer_range: [{a}, {b}]"]
+    p = tmp_path / "franken.yml"
+    p.write_text("\n".join(lines) + "\n" + extra)
+    return p
+
+
+def test_slices_stack_layers_and_load_in_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_safe.merge.recipe import load_recipe
+    from mergekit_safe.tiny import save_tiny_pair
+
+    a, b = save_tiny_pair(tmp_path / "in", seed=6)
+    before = {p: sorted(f.stat().st_mtime_ns for f in p.iterdir()) for p in (a, b)}
+    recipe = load_recipe(_write_recipe(tmp_path, [(a, 0, 2), (b, 1, 2), (a, 0, 1)]))
+    merge(recipe, tmp_path / "out", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    srcs = [AutoModelForCausalLM.from_pretrained(p) for p in (a, b)]
+    expected_layers = [srcs[0].model.layers[0], srcs[0].model.layers[1], srcs[1].model.layers[1],
+                       srcs[0].model.layers[0]]
+    for k, src in enumerate(expected_layers):
+        got, want = model.model.layers[k].state_dict(), src.state_dict()
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"layer {k} {name}"
+    assert torch.equal(model.model.embed_tokens.weight, srcs[0].model.embed_tokens.weight)  # first slice's
+    assert torch.equal(model.model.norm.weight, srcs[0].model.norm.weight)  # last slice's model (a)
+    assert torch.equal(model.lm_head.weight, srcs[0].lm_head.weight)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert torch.isfinite(model(ids).logits).all()
+    assert before == {p: sorted(f.stat().st_mtime_ns for f in p.iterdir()) for p in (a, b)}  # inputs untouched
+
+
+def test_slices_take_the_head_from_the_last_model_and_cast(tmp_path: Path) -> None:
+    from mergekit_safe.merge.recipe import load_recipe
+    from mergekit_safe.tiny import save_tiny_pair
+
+    a, b = save_tiny_pair(tmp_path / "in", seed=7)
+    recipe = load_recipe(_write_recipe(tmp_path, [(a, 1, 2), (b, 0, 2)], "dtype: bfloat16\n"))
+    merge(recipe, tmp_path / "out", progress=False)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert out["lm_head.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["lm_head.weight"], sb["lm_head.weight"].bfloat16())
+    assert torch.equal(out["model.norm.weight"], sb["model.norm.weight"].bfloat16())
+    assert torch.equal(out["model.embed_tokens.weight"], sa["model.embed_tokens.weight"].bfloat16())
+    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], sa["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(out["model.layers.2.mlp.up_proj.weight"], sb["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    assert not any(k.startswith("model.layers.3.") for k in out)
+
+
+def test_slices_layer_range_outside_the_model_is_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mergekit_safe.cli import main
+    from mergekit_safe.tiny import save_tiny_pair
+
+    a, _ = save_tiny_pair(tmp_path / "in", seed=8)
+    res = CliRunner().invoke(main, ["merge", "--config", str(_write_recipe(tmp_path, [(a, 1, 5)])),
+                                    "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == f"Error: {a}: layer_range [1, 5] is outside its 2 layers"
+    assert not (tmp_path / "out").exists()
