@@ -199,6 +199,22 @@ def slerp_coefficients(dot: float, norm_a: float, norm_b: float, t: float, eps: 
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
+# Distances below this count as this (mergekit's floor): w = t / distance stays finite where base == model.
+NEARSWAP_MIN_DISTANCE = 1e-6
+
+
+def nearswap(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NearSwap: ``w * b + (1 - w) * a`` with ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)``, elementwise.
+
+    Where the model ``b`` is within ``t`` of the base ``a`` its value is taken; farther away the result moves
+    only ``t`` from the base towards it.
+    """
+    cd = compute_dtype(a, b)
+    x, y = a.to(cd), b.to(cd)
+    w = (float(t) / (x - y).abs().clamp(min=NEARSWAP_MIN_DISTANCE)).clamp(0.0, 1.0)
+    return (w * y + (1 - w) * x).to(out_dtype or a.dtype)
+
+
 def foreach_weighted_sum_(
     outs: Sequence[torch.Tensor],
     inputs: Sequence[Sequence[torch.Tensor]],

@@ -1,4 +1,5 @@
-"""Merges that see tensors as points on a sphere or in a cone: model_stock, nuslerp, multislerp, karcher.
+"""Merges that see tensors as points on a sphere or in a cone (model_stock, nuslerp, multislerp, karcher), and
+the elementwise nearswap.
 
 Each of them (in its default, whole-tensor form) needs only the inner products of its inputs: given the
 Gram matrix ``G_ij = <x_i, x_j>`` (of the task vectors ``x_i = model_i - base`` when there is a base), the
@@ -263,9 +264,7 @@ def karcher(inputs: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-
 def nearswap(base: torch.Tensor, model: torch.Tensor, t: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """NearSwap: take the model's value where it is within ``t`` of the base, interpolate elsewhere.
 
-    ``w = clamp(t / max(|base - model|, 1e-6), 0, 1)``; result ``w * model + (1 - w) * base``. Elementwise.
+    ``w = clamp(t / max(|base - model|, 1e-6), 0, 1)``; result ``w * model + (1 - w) * base``. Elementwise
+    (the nearswap kernel: Triton on CUDA).
     """
-    cd = reference.compute_dtype(base, model)
-    a, b = base.to(cd), model.to(cd)
-    w = (float(t) / (a - b).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
-    return (w * b + (1 - w) * a).to(out_dtype or base.dtype)
+    return kernels.nearswap(base, model, t, out_dtype=out_dtype)
