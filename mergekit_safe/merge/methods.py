@@ -391,33 +391,35 @@ _GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="fraction o
 _EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0,
                  doc="keep probabilities span density +- epsilon by magnitude rank")
 register(MergeMethod(
-    "breadcrumbs", "Model Breadcrumbs: drop the gamma largest and the smallest task-vector entries down to "
-    "density, weighted sum: base + lambda*sum_i w_i*mask_i(tau_i)",
+    "breadcrumbs", "Model Breadcrumbs: base + lambda*sum_i w_i*m_i*tau_i, m_i drops the gamma*n largest and "
+    "then the smallest abs(tau_i) down to density*n",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
     combine=_gta("magnitude_outliers", consensus=False),
 ))
 register(MergeMethod(
-    "breadcrumbs_ties", "Model Breadcrumbs' sparsification, then TIES sign election and disjoint sum",
+    "breadcrumbs_ties", "breadcrumbs' masks, then TIES: only entries with the sign of sum_i w_i*m_i*tau_i count "
+    "(divided by their weights when normalize)",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
     combine=_gta("magnitude_outliers", consensus=True),
 ))
 register(MergeMethod(
-    "della", "DELLA: keep entries with probability density +- epsilon by magnitude rank (seeded), rescale, "
-    "TIES sign election and disjoint mean",
+    "della", "DELLA: keep tau_i entries with prob density-epsilon+2*epsilon*rank(abs(tau_i)) (seeded), L1 "
+    "rescale, TIES sign election and disjoint mean: base + lambda*mean",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(True), _rescale_l1(True), _SEED, _INT8_MASK),
     combine=_gta("della_magprune", consensus=True),
 ))
 register(MergeMethod(
-    "della_linear", "DELLA's magnitude-ranked seeded drop and rescale, then a weighted sum of task vectors",
+    "della_linear", "DELLA's rank-based seeded drop and L1 rescale, then base + lambda*sum_i w_i*tau_i'",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(False), _rescale_l1(True), _SEED, _INT8_MASK),
     combine=_gta("della_magprune", consensus=False),
 ))
 register(MergeMethod(
-    "sce", "SCE: keep the top-variance entries, weight models by task-vector energy, erase minority signs",
+    "sce", "SCE: tau restricted to the select_topk highest-variance entries; base + sum_i c_i*m_i*tau_i / "
+    "sum_i c_i*m_i, c_i ~ mean(tau_i^2), m_i = agrees with the elected sign",
     base="required", min_models=1, max_models=None,
     params=(Param("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept"),
             _INT8_MASK),
@@ -431,30 +433,32 @@ register(MergeMethod(
     combine=_model_stock,
 ))
 register(MergeMethod(
-    "nuslerp", "SLERP between two models (their task vectors when a base is given) at t = w1/(w0+w1)",
+    "nuslerp", "(sin((1-t)*theta)*v0 + sin(t*theta)*v1)/sin(theta), t = w1/(w0+w1), v = model or model - base "
+    "(added back to the base)",
     base="optional", min_models=2, max_models=2,
     params=(_WEIGHT, Param("nuslerp_row_wise", False, tensor=False, doc="without flatten: SLERP columns"),
             Param("nuslerp_flatten", True, tensor=False, doc="SLERP the whole tensor as one vector")),
     combine=_nuslerp,
 ))
 register(MergeMethod(
-    "multislerp", "barycentric SLERP of N models (task vectors with a base) through the tangent space at "
-    "their weighted mean direction",
+    "multislerp", "mean_i(w_i*norm_i) * exp_m(sum_i w_i*log_m(u_i)): barycentric SLERP of N models (task "
+    "vectors with a base), m their weighted mean direction",
     base="optional", min_models=1, max_models=None,
     params=(_WEIGHT, Param("normalize_weights", True, tensor=False, doc="divide the weights by their sum"),
             Param("eps", 1e-8, tensor=False, low=0.0, doc="numerical floor of the norms")),
     combine=_multislerp,
 ))
 register(MergeMethod(
-    "karcher", "Karcher (Riemannian) mean of the inputs' directions on the sphere, times their mean norm; "
-    "a base, if given, is one more input",
+    "karcher", "mean_i(norm_i) * argmin_m sum_i angle(m, u_i)^2 (Riemannian mean on the sphere, fixed-point "
+    "iteration); a base, if given, is one more input",
     base="optional", min_models=1, max_models=None,
     params=(Param("max_iter", 10, tensor=False, low=1, doc="most fixed-point iterations"),
             Param("tol", 1e-5, tensor=False, low=0.0, doc="convergence tolerance of the tangent step")),
     combine=_karcher,
 ))
 register(MergeMethod(
-    "nearswap", "w = clamp(t/|base - model|, 0, 1); w*model + (1-w)*base: keep the model where it is near",
+    "nearswap", "w*model + (1-w)*base, w = clamp(t/abs(base - model), 0, 1): the model's value where it is "
+    "within t of the base",
     base="required", min_models=1, max_models=1,
     params=(Param("t", None, low=0.0, doc="distance below which the model's value is taken"),),
     combine=_nearswap,
@@ -471,7 +475,8 @@ def methods_table() -> str:
     """A Markdown table of the registered methods, for the README and ``--help``."""
     rows = ["| method | base | models | parameters | what it does |", "|---|---|---|---|---|"]
     for m in METHODS.values():
-        params = ", ".join(f"`{p.name}`" + ("*" if p.per_model else "") + f"={p.default}" for p in m.params)
+        params = ", ".join(f"`{p.name}`" + ("*" if p.per_model else "")
+                           + f"={'required' if p.default is None else p.default}" for p in m.params)
         hi = "any" if m.max_models is None else str(m.max_models)
         rows.append(f"| `{m.name}` | {m.base} | {m.min_models}..{hi} | {params} | {m.summary} |")
     return "\n".join(rows)
