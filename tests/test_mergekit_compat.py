@@ -185,3 +185,32 @@ def test_float32_inputs_match_mergekit(method: str) -> None:
     got = ours(method, base, models, params, per_model).to(torch.float32)
     assert expected.dtype == torch.float32
     assert_close(got, expected, *F32, what=method)
+
+
+def test_slices_match_mergekit_run_merge(tmp_path) -> None:
+    """A passthrough frankenmerge through mergekit's whole pipeline: the same tensors, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mergekit_safe.merge.engine import merge
+    from mergekit_safe.merge.recipe import recipe_from_dict
+    from mergekit_safe.tiny import save_tiny_pair
+
+    mk_config = pytest.importorskip("mergekit.config")
+    mk_merge = pytest.importorskip("mergekit.merge")
+    mk_options = pytest.importorskip("mergekit.options")
+    a, b = save_tiny_pair(tmp_path / "in", seed=9)
+    data = {"slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+                       {"sources": [{"model": str(b), "layer_range": [1, 2]}]},
+                       {"sources": [{"model": str(a), "layer_range": [1, 2]}]}],
+            "merge_method": "passthrough", "dtype": "float32"}
+    mk_merge.run_merge(mk_config.MergeConfiguration.model_validate(data), str(tmp_path / "mk"),
+                       mk_options.MergeOptions(copy_tokenizer=False))
+    merge(recipe_from_dict(data), tmp_path / "ours", progress=False)
+    theirs, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    assert got.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.equal(got[name], theirs[name]), name
+    cfg = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("mk", "ours")]
+    assert cfg[0]["num_hidden_layers"] == cfg[1]["num_hidden_layers"] == 4

@@ -146,6 +146,27 @@ def test_della_with_tiny_epsilon_draws_the_dare_mask() -> None:
     assert torch.equal(della, reference.dare_keep_mask(d.numel(), 0.3, 3, 42).view(d.shape))
 
 
+@pytest.mark.parametrize("method", ["magnitude", "random", "magnitude_outliers", "della_magprune"])
+def test_sparsify_edges(method: str) -> None:
+    d = rand()
+    assert torch.equal(sparsify.sparsify(d, 1.0, method), d)
+    assert torch.equal(sparsify.sparsify(d, 0.0, method), torch.zeros_like(d))
+    with pytest.raises(RecipeError, match="unknown sparsification 'nope'"):
+        sparsify.sparsify(d, 0.5, "nope")
+
+
+def test_magnitude_keeps_the_largest_and_rescale_keeps_the_l1_norm() -> None:
+    d = rand()
+    kept = sparsify.sparsify(d, 0.25, "magnitude", rescale=True)
+    k = int(0.25 * d.numel())
+    top = torch.zeros(d.numel(), dtype=torch.bool)
+    top[torch.argsort(d.flatten().abs(), descending=True)[:k]] = True
+    assert torch.equal(kept.flatten() != 0, top)
+    assert_close(kept.abs().sum(), d.abs().sum(), *TIGHT)
+    scale = float(d.abs().sum() / d.flatten()[top].abs().sum())
+    assert_close(kept.flatten()[top] / d.flatten()[top], torch.full((k,), scale, dtype=torch.float64), *TIGHT)
+
+
 def test_della_refuses_epsilon_past_the_density() -> None:
     with pytest.raises(RecipeError, match=r"della: density 0.9 \+- epsilon 0.15 must stay inside \(0, 1\)"):
         run_method("della", rand(), [rand()], {"density": 0.9})

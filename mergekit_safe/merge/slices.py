@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from mergekit_safe.errors import CheckpointError
 from mergekit_safe.io.adapters import open_input
 from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
-from mergekit_safe.merge.engine import DEFAULT_CHUNK_ELEMS, DEFAULT_MAX_SHARD, MergeResult, check_output_path, hash_files
+from mergekit_safe.merge.engine import (DEFAULT_CHUNK_ELEMS, DEFAULT_MAX_SHARD, MergeResult, check_output_path,
+                                        hash_files)
 from mergekit_safe.merge.recipe import Recipe, SliceSpec, layer_index, module_type
 
 _INDEX_RE = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\.)")

@@ -144,20 +144,20 @@ def sparsify(
         >>> sparsify(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5, "magnitude")
         tensor([ 0., -3.,  2.,  0.])
     """
+    if method not in SPARSIFY_METHODS:
+        raise RecipeError(f"unknown sparsification {method!r}; choose one of {', '.join(SPARSIFY_METHODS)}")
     if density >= 1.0:
         return delta
+    if density <= 0.0:
+        return torch.zeros_like(delta)
     if method == "magnitude":
         kept = keep_magnitude(delta, density)
     elif method == "magnitude_outliers":
         kept = keep_outliers_removed(delta, density, gamma)
     elif method == "random":
-        kept = keep_random(float(max(density, 0.0)), delta.shape, seed, tid, delta.device)
-    elif method == "della_magprune":
-        if density <= 0.0:
-            return torch.zeros_like(delta)
-        kept = keep_random(della_probabilities(delta, density, epsilon), delta.shape, seed, tid, delta.device)
+        kept = keep_random(float(density), delta.shape, seed, tid, delta.device)
     else:
-        raise RecipeError(f"unknown sparsification {method!r}; choose one of {', '.join(SPARSIFY_METHODS)}")
+        kept = keep_random(della_probabilities(delta, density, epsilon), delta.shape, seed, tid, delta.device)
     if rescale:
         return rescale_l1(delta, kept)
     return torch.where(kept, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
