@@ -105,10 +105,11 @@ def keep_random(probs: torch.Tensor | float, shape: torch.Size, seed: int, tid: 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``delta * kept`` scaled so its L1 norm equals ``delta``'s (unscaled when either norm is ~0)."""
     masked = torch.where(kept, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-    before, after = float(delta.abs().sum()), float(masked.abs().sum())
+    before = float(torch.linalg.vector_norm(delta, ord=1))
+    after = float(torch.linalg.vector_norm(masked, ord=1))
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)
 
 
 def sparsify(
@@ -217,7 +218,7 @@ def task_vector_merge(
     b = base.to(cd)
     deltas = []
     for i, m in enumerate(models):
-        d = m.to(cd) - b
+        d = m.to(cd, copy=True).sub_(b)  # one allocation per task vector (inputs are read-only file views)
         if sparsification is not None:
             d = sparsify(d, float(densities[i]), sparsification, rescale=rescale,
                          gamma=float(gammas[i]) if gammas else 0.0, epsilon=float(epsilons[i]) if epsilons else 0.0,
