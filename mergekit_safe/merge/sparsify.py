@@ -82,7 +82,14 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
         raise RecipeError(f"della: density {density} +- epsilon {epsilon} must stay inside (0, 1); "
                           "lower epsilon or move density away from 0 and 1")
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float64)
+    order = rows.abs().argsort(dim=1)
+    # rank = position in the sorted order: one scatter instead of a second argsort
+    positions = torch.arange(rows.shape[1], dtype=torch.float64, device=delta.device)
+    shape = [1] * rows.dim()
+    shape[1] = -1
+    ranks = torch.empty(order.shape, dtype=torch.float64, device=delta.device)
+    ranks.scatter_(1, order, positions.view(shape).expand(order.shape))
+    del order
     width = rows.shape[1] - 1
     rank01 = ranks / width if width > 0 else torch.zeros_like(ranks)
     return ((density - epsilon) + rank01 * (2.0 * epsilon)).reshape(delta.shape)
