@@ -210,9 +210,12 @@ def nearswap(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype 
     only ``t`` from the base towards it.
     """
     cd = compute_dtype(a, b)
-    x, y = a.to(cd), b.to(cd)
-    w = (float(t) / (x - y).abs().clamp(min=NEARSWAP_MIN_DISTANCE)).clamp(0.0, 1.0)
-    return (w * y + (1 - w) * x).to(out_dtype or a.dtype)
+    x, y = a.to(cd), b.to(cd)  # may be the inputs themselves: never modified below
+    # in place on two full-size buffers (the whole-tensor path holds few copies of the largest tensor)
+    w = torch.sub(x, y).abs_().clamp_(min=NEARSWAP_MIN_DISTANCE).reciprocal_().mul_(float(t)).clamp_(0.0, 1.0)
+    out = torch.mul(w, y)
+    out.addcmul_(w.neg_().add_(1.0), x)
+    return out.to(out_dtype or a.dtype)
 
 
 def foreach_weighted_sum_(
