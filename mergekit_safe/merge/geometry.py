@@ -52,11 +52,13 @@ def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, chun
 def _combine(base: torch.Tensor | None, models: Sequence[torch.Tensor], coeffs: Sequence[float],
              out_dtype: torch.dtype | None) -> torch.Tensor:
     """``base + sum_i c_i (m_i - base)`` (or ``sum_i c_i m_i``) as one weighted sum of the inputs."""
-    dtype = out_dtype or (base if base is not None else models[0]).dtype
+    first = base if base is not None else models[0]
+    # an explicit output lets the CPU path work in cache-sized blocks, with no full-size temporary per input
+    out = torch.empty(first.shape, dtype=out_dtype or first.dtype, device=first.device)
     cs = [float(c) for c in coeffs]
     if base is None:
-        return kernels.weighted_sum(list(models), cs, out_dtype=dtype)
-    return kernels.weighted_sum([base, *models], [1.0 - sum(cs), *cs], out_dtype=dtype)
+        return kernels.weighted_sum(list(models), cs, out=out)
+    return kernels.weighted_sum([base, *models], [1.0 - sum(cs), *cs], out=out)
 
 
 def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], filter_wise: bool = False,

@@ -238,8 +238,11 @@ def task_vector_merge(
     else:
         total = sum(float(w) for w in weights)
         divisor = total if normalize and abs(total) >= 1e-8 else 1.0
-        merged = kernels.weighted_sum(deltas, [float(w) / divisor for w in weights])
-    return kernels.weighted_sum([b, merged], [1.0, float(lam)], out_dtype=out_dtype or base.dtype)
+        merged = kernels.weighted_sum(deltas, [float(w) / divisor for w in weights], out=torch.empty_like(deltas[0]))
+    del deltas
+    dtype = out_dtype or base.dtype
+    out = merged if merged.dtype == dtype else torch.empty(merged.shape, dtype=dtype, device=merged.device)
+    return kernels.weighted_sum([b, merged], [1.0, float(lam)], out=out)  # out may be merged itself
 
 
 def sce_merge(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: float = 1.0,
