@@ -93,13 +93,14 @@ def dare_keep_mask(numel: int, p: float, seed: int, tid: int, device: torch.devi
     return dare_hash(numel, seed, tid, device) >= dare_threshold(p)
 
 
-def dare_hash(numel: int, seed: int, tid: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def dare_hash(numel: int, seed: int, tid: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
     """The uint32 counter hash behind the DARE mask, one per element (int64 tensor holding uint32 values).
 
     ``hash / 2**32`` is a uniform draw per element, a pure function of (seed, tensor id, index): DELLA's
     per-element keep probabilities compare against the same draws, so its masks are seeded the same way.
+    ``start`` gives the hashes of elements ``[start, start + numel)`` (a tensor processed in slices).
     """
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     h = _fmix32((idx & _M32) ^ dare_key(seed, tid))
     return _fmix32(h ^ (idx >> 32))
 

@@ -453,3 +453,11 @@ def test_slices_layer_range_outside_the_model_is_one_line(tmp_path: Path) -> Non
     assert res.exit_code == 1
     assert res.output.strip().splitlines()[-1] == f"Error: {a}: layer_range [1, 5] is outside its 2 layers"
     assert not (tmp_path / "out").exists()
+
+
+def test_random_masks_do_not_depend_on_the_hash_chunk() -> None:
+    probs = torch.rand(37, 19, dtype=torch.float64)
+    whole = sparsify.keep_random(probs, probs.shape, 4, 77, probs.device)
+    assert torch.equal(sparsify.keep_random(probs, probs.shape, 4, 77, probs.device, chunk=50), whole)
+    assert torch.equal(sparsify.keep_random(0.3, probs.shape, 4, 77, probs.device, chunk=64),
+                       sparsify.keep_random(0.3, probs.shape, 4, 77, probs.device))

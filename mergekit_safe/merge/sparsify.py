@@ -30,6 +30,7 @@ from mergekit_safe.kernels import reference
 SPARSIFY_METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 # Norms below this are treated as zero when rescaling (mergekit's value).
 _RESCALE_EPS = 1e-7
+HASH_CHUNK = 1 << 20  # elements hashed at a time by the random masks (bounds their int64 temporaries)
 
 
 def keep_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -87,26 +88,36 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     positions = torch.arange(rows.shape[1], dtype=torch.float64, device=delta.device)
     shape = [1] * rows.dim()
     shape[1] = -1
-    ranks = torch.empty(order.shape, dtype=torch.float64, device=delta.device)
-    ranks.scatter_(1, order, positions.view(shape).expand(order.shape))
+    probs = torch.empty(order.shape, dtype=torch.float64, device=delta.device)
+    probs.scatter_(1, order, positions.view(shape).expand(order.shape))  # the ranks, turned into probs in place
     del order
     width = rows.shape[1] - 1
-    rank01 = ranks / width if width > 0 else torch.zeros_like(ranks)
-    return ((density - epsilon) + rank01 * (2.0 * epsilon)).reshape(delta.shape)
+    if width > 0:
+        probs.mul_(2.0 * epsilon / width)
+    else:
+        probs.zero_()
+    return probs.add_(density - epsilon).reshape(delta.shape)
 
 
 def keep_random(probs: torch.Tensor | float, shape: torch.Size, seed: int, tid: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, chunk: int = HASH_CHUNK) -> torch.Tensor:
     """Seeded Bernoulli keep mask: element ``i`` is kept when ``hash_i >= floor((1 - p_i) * 2**32)``.
 
     ``hash`` is DARE's counter hash, so a constant ``p`` reproduces :func:`reference.dare_keep_mask` exactly.
+    The hashes are drawn ``chunk`` elements at a time, so their int64 temporaries stay small.
     """
     numel = math.prod(shape)
-    h = reference.dare_hash(numel, seed, tid, device).view(shape)
-    if isinstance(probs, float):
-        return h >= reference.dare_threshold(1.0 - probs)
-    threshold = torch.floor((1.0 - probs.to(torch.float64)) * 2.0**32).clamp(max=2.0**32 - 1).to(torch.int64)
-    return h >= threshold
+    keep = torch.empty(numel, dtype=torch.bool, device=device)
+    flat = probs.reshape(-1) if isinstance(probs, torch.Tensor) else None
+    for start in range(0, numel, chunk):
+        stop = min(numel, start + chunk)
+        h = reference.dare_hash(stop - start, seed, tid, device, start=start)
+        if flat is None:
+            keep[start:stop] = h >= reference.dare_threshold(1.0 - float(probs))
+        else:
+            p = flat[start:stop].to(torch.float64)
+            keep[start:stop] = h >= torch.floor((1.0 - p) * 2.0**32).clamp_(max=2.0**32 - 1).to(torch.int64)
+    return keep.view(shape)
 
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
