@@ -19,6 +19,8 @@ from tests.test_methods import run_method
 
 mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
 mk_base = pytest.importorskip("mergekit.merge_methods.base")
+if not hasattr(mk_base, "TensorGroup"):
+    pytest.skip("needs mergekit >= 0.1.5 (per-tensor TensorGroup API)", allow_module_level=True)
 
 NAME = "model.layers.3.self_attn.o_proj.weight"
 SHAPE = (37, 19)
