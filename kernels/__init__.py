@@ -167,6 +167,20 @@ def slerp(
     return _into(out, reference.slerp(a, b, t, out_dtype))
 
 
+def nearswap(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    out_dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NearSwap of base ``a`` and model ``b``; see :func:`reference.nearswap`."""
+    if _use_triton("nearswap", [a, b, *([out] if out is not None else [])], out_dtype):
+        return kernel_module("nearswap").nearswap(a, b, t, out_dtype, out=out)
+    return _into(out, reference.nearswap(a, b, t, out_dtype))
+
+
 def foreach_weighted_sum_(
     outs: Sequence[torch.Tensor],
     inputs: Sequence[Sequence[torch.Tensor]],
@@ -200,9 +214,9 @@ def apply_(
     reference.apply_(targets, bases, deltas, coeffs)
 
 
-_PUBLIC = {name: globals()[name] for name in ("weighted_sum", "dare", "ties", "slerp")}
+_PUBLIC = {name: globals()[name] for name in ("weighted_sum", "dare", "ties", "slerp", "nearswap")}
 
 __all__ = [
-    "BACKENDS", "apply_", "current_backend", "dare", "foreach_weighted_sum_", "kernel_module", "resolve_device",
-    "select_backend", "slerp", "ties", "triton_available", "use_backend", "weighted_sum",
+    "BACKENDS", "apply_", "current_backend", "dare", "foreach_weighted_sum_", "kernel_module", "nearswap",
+    "resolve_device", "select_backend", "slerp", "ties", "triton_available", "use_backend", "weighted_sum",
 ]

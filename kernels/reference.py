@@ -94,10 +94,19 @@ def dare_keep_mask(
     ``key = dare_key(seed, tid)``. Being counter-based, the mask does not depend on block sizes, launch order
     or device, and the Triton kernel reproduces it bit for bit.
     """
-    idx = torch.arange(index_offset, index_offset + numel, dtype=torch.int64, device=device)
+    return dare_hash(numel, seed, tid, device, start=index_offset) >= dare_threshold(p)
+
+
+def dare_hash(numel: int, seed: int, tid: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """The uint32 counter hash behind the DARE mask, one per element (int64 tensor holding uint32 values).
+
+    ``hash / 2**32`` is a uniform draw per element, a pure function of (seed, tensor id, index): DELLA's
+    per-element keep probabilities compare against the same draws, so its masks are seeded the same way.
+    ``start`` gives the hashes of elements ``[start, start + numel)`` (a tensor processed in slices).
+    """
+    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     h = _fmix32((idx & _M32) ^ dare_key(seed, tid))
-    h = _fmix32(h ^ (idx >> 32))
-    return h >= dare_threshold(p)
+    return _fmix32(h ^ (idx >> 32))
 
 
 def dare(
@@ -197,6 +206,25 @@ def slerp_coefficients(dot: float, norm_a: float, norm_b: float, t: float, eps: 
     theta = math.acos(max(-1.0, min(1.0, cos)))
     sin_theta = math.sin(theta)
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+# Distances below this count as this (mergekit's floor): w = t / distance stays finite where base == model.
+NEARSWAP_MIN_DISTANCE = 1e-6
+
+
+def nearswap(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NearSwap: ``w * b + (1 - w) * a`` with ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)``, elementwise.
+
+    Where the model ``b`` is within ``t`` of the base ``a`` its value is taken; farther away the result moves
+    only ``t`` from the base towards it.
+    """
+    cd = compute_dtype(a, b)
+    x, y = a.to(cd), b.to(cd)  # may be the inputs themselves: never modified below
+    # in place on two full-size buffers (the whole-tensor path holds few copies of the largest tensor)
+    w = torch.sub(x, y).abs_().clamp_(min=NEARSWAP_MIN_DISTANCE).reciprocal_().mul_(float(t)).clamp_(0.0, 1.0)
+    out = torch.mul(w, y)
+    out.addcmul_(w.neg_().add_(1.0), x)
+    return out.to(out_dtype or a.dtype)
 
 
 def foreach_weighted_sum_(

@@ -35,8 +35,9 @@ def rand(*shape: int) -> torch.Tensor:
 
 def test_registry_lists_every_method() -> None:
     assert set(METHODS) == {"lerp", "ema", "linear", "task_arithmetic", "safety_vector", "slerp", "ties",
-                            "dare_linear", "dare_ties"}
-    with pytest.raises(RecipeError, match="unknown merge_method 'nope'; choose one of dare_linear, dare_ties"):
+                            "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                            "sce", "model_stock", "nuslerp", "multislerp", "karcher", "nearswap", "passthrough"}
+    with pytest.raises(RecipeError, match="unknown merge_method 'nope'; choose one of breadcrumbs, breadcrumbs_ties, dare_linear"):
         get_method("nope")
 
 

@@ -362,6 +362,11 @@ def merge(
         >>> r = Recipe("lerp", [ModelSpec("./finetuned")], base_model="./aligned", parameters={"alpha": 0.3})
         >>> merge(r, "./merged")  # doctest: +SKIP
     """
+    if recipe.slices:  # layer stacking copies tensors: no math, so no device, chunking of math or NaN check
+        from mergekit_safe.merge.slices import merge_slices  # slices builds on this module
+
+        return merge_slices(recipe, out_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+                            allow_pickle=allow_pickle, chunk_elems=chunk_elems, hash_inputs=hash_inputs)
     t0 = time.perf_counter()
     out = Path(out_dir)
     recipe.validate()

@@ -22,6 +22,7 @@ import torch
 from mergekit_safe import kernels
 from mergekit_safe.errors import RecipeError
 from mergekit_safe.kernels import reference
+from mergekit_safe.merge import geometry, sparsify
 from mergekit_safe.merge.streaming import Chunk, Streamed, TensorStream, chunk_deltas, dot_and_norms
 from mergekit_safe.merge.streaming import magnitude_thresholds, run_whole
 
@@ -383,11 +384,158 @@ register(MergeMethod(
 ))
 
 
+# --- mergekit's other methods: option sets of merge/sparsify.py and the two-pass merges of merge/geometry.py ---
+
+_INT8_MASK = Param("int8_mask", False, tensor=False,
+                   doc="accepted for mergekit recipes; masks are boolean here, so it changes nothing")
+
+
+def _rescale_l1(default: bool) -> Param:
+    return Param("rescale", default, tensor=False, doc="scale survivors so each task vector keeps its L1 norm")
+
+
+def _gta(sparsification: str, consensus: bool) -> Callable[[TensorJob], torch.Tensor]:
+    """A ``combine`` for one option set of the task-vector processor."""
+
+    def combine(job: TensorJob) -> torch.Tensor:
+        assert job.base is not None
+        p = job.params
+        return sparsify.task_vector_merge(
+            job.base, job.models, name=job.name, sparsification=sparsification, consensus=consensus,
+            weights=p.per_model["weight"], densities=p.per_model["density"], normalize=bool(p["normalize"]),
+            rescale=bool(p["rescale"]), lam=float(p["lambda"]), gammas=p.per_model.get("gamma"),
+            epsilons=p.per_model.get("epsilon"), seed=int(p.values.get("seed", 0)), out_dtype=job.out_dtype,
+        )
+
+    return combine
+
+
+def _sce(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    return sparsify.sce_merge(job.base, job.models, float(job.params["select_topk"]), out_dtype=job.out_dtype)
+
+
+def _model_stock(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    return geometry.model_stock(job.base, job.models, bool(job.params["filter_wise"]), out_dtype=job.out_dtype)
+
+
+def _nuslerp(job: TensorJob) -> torch.Tensor:
+    p = job.params
+    return geometry.nuslerp(job.base, job.models, p.per_model["weight"], bool(p["nuslerp_row_wise"]),
+                            bool(p["nuslerp_flatten"]), out_dtype=job.out_dtype)
+
+
+def _multislerp(job: TensorJob) -> torch.Tensor:
+    p = job.params
+    return geometry.multislerp(job.base, job.models, p.per_model["weight"], bool(p["normalize_weights"]),
+                               float(p["eps"]), out_dtype=job.out_dtype)
+
+
+def _karcher(job: TensorJob) -> torch.Tensor:
+    inputs = ([job.base] if job.base is not None else []) + list(job.models)
+    return geometry.karcher(inputs, int(job.params["max_iter"]), float(job.params["tol"]), out_dtype=job.out_dtype)
+
+
+def _nearswap(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    return geometry.nearswap(job.base, job.models[0], float(job.params["t"]), out_dtype=job.out_dtype)
+
+
+def _passthrough(p: Resolved, has_base: bool, n: int) -> list[float]:
+    return [float(s) for s in p.per_model["scale"]]
+
+
+_GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="fraction of largest magnitudes removed")
+_EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0,
+                 doc="keep probabilities span density +- epsilon by magnitude rank")
+register(MergeMethod(
+    "breadcrumbs", "Model Breadcrumbs: base + lambda*sum_i w_i*m_i*tau_i, m_i drops the gamma*n largest and "
+    "then the smallest abs(tau_i) down to density*n",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
+    combine=_gta("magnitude_outliers", consensus=False),
+))
+register(MergeMethod(
+    "breadcrumbs_ties", "breadcrumbs' masks, then TIES: only entries with the sign of sum_i w_i*m_i*tau_i count "
+    "(divided by their weights when normalize)",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
+    combine=_gta("magnitude_outliers", consensus=True),
+))
+register(MergeMethod(
+    "della", "DELLA: keep tau_i entries with prob density-epsilon+2*epsilon*rank(abs(tau_i)) (seeded), L1 "
+    "rescale, TIES sign election and disjoint mean: base + lambda*mean",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(True), _rescale_l1(True), _SEED, _INT8_MASK),
+    combine=_gta("della_magprune", consensus=True),
+))
+register(MergeMethod(
+    "della_linear", "DELLA's rank-based seeded drop and L1 rescale, then base + lambda*sum_i w_i*tau_i'",
+    base="required", min_models=1, max_models=None,
+    params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(False), _rescale_l1(True), _SEED, _INT8_MASK),
+    combine=_gta("della_magprune", consensus=False),
+))
+register(MergeMethod(
+    "sce", "SCE: tau restricted to the select_topk highest-variance entries; base + sum_i c_i*m_i*tau_i / "
+    "sum_i c_i*m_i, c_i ~ mean(tau_i^2), m_i = agrees with the elected sign",
+    base="required", min_models=1, max_models=None,
+    params=(Param("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept"),
+            _INT8_MASK),
+    combine=_sce,
+))
+register(MergeMethod(
+    "model_stock", "Model Stock: base + t*(mean(models) - base), t = N*cos/(1+(N-1)*cos) from the task "
+    "vectors' mean pairwise cosine",
+    base="required", min_models=2, max_models=None,
+    params=(Param("filter_wise", False, tensor=False, doc="one t per row instead of per tensor"),),
+    combine=_model_stock,
+))
+register(MergeMethod(
+    "nuslerp", "(sin((1-t)*theta)*v0 + sin(t*theta)*v1)/sin(theta), t = w1/(w0+w1), v = model or model - base "
+    "(added back to the base)",
+    base="optional", min_models=2, max_models=2,
+    params=(_WEIGHT, Param("nuslerp_row_wise", False, tensor=False, doc="without flatten: SLERP columns"),
+            Param("nuslerp_flatten", True, tensor=False, doc="SLERP the whole tensor as one vector")),
+    combine=_nuslerp,
+))
+register(MergeMethod(
+    "multislerp", "mean_i(w_i*norm_i) * exp_m(sum_i w_i*log_m(u_i)): barycentric SLERP of N models (task "
+    "vectors with a base), m their weighted mean direction",
+    base="optional", min_models=1, max_models=None,
+    params=(_WEIGHT, Param("normalize_weights", True, tensor=False, doc="divide the weights by their sum"),
+            Param("eps", 1e-8, tensor=False, low=0.0, doc="numerical floor of the norms")),
+    combine=_multislerp,
+))
+register(MergeMethod(
+    "karcher", "mean_i(norm_i) * argmin_m sum_i angle(m, u_i)^2 (Riemannian mean on the sphere, fixed-point "
+    "iteration); a base, if given, is one more input",
+    base="optional", min_models=1, max_models=None,
+    params=(Param("max_iter", 10, tensor=False, low=1, doc="most fixed-point iterations"),
+            Param("tol", 1e-5, tensor=False, low=0.0, doc="convergence tolerance of the tangent step")),
+    combine=_karcher,
+))
+register(MergeMethod(
+    "nearswap", "w*model + (1-w)*base, w = clamp(t/abs(base - model), 0, 1): the model's value where it is "
+    "within t of the base",
+    base="required", min_models=1, max_models=1,
+    params=(Param("t", None, low=0.0, doc="distance below which the model's value is taken"),),
+    combine=_nearswap,
+))
+register(MergeMethod(
+    "passthrough", "scale*model: copy one model (the building block of slices recipes)",
+    base="none", min_models=1, max_models=1,
+    params=(Param("scale", 1.0, per_model=True, doc="factor applied to the model's tensors"),),
+    coefficients=_passthrough,
+))
+
+
 def methods_table() -> str:
     """A Markdown table of the registered methods, for the README and ``--help``."""
     rows = ["| method | base | models | parameters | what it does |", "|---|---|---|---|---|"]
     for m in METHODS.values():
-        params = ", ".join(f"`{p.name}`" + ("*" if p.per_model else "") + f"={p.default}" for p in m.params)
+        params = ", ".join(f"`{p.name}`" + ("*" if p.per_model else "")
+                           + f"={'required' if p.default is None else p.default}" for p in m.params)
         hi = "any" if m.max_models is None else str(m.max_models)
         rows.append(f"| `{m.name}` | {m.base} | {m.min_models}..{hi} | {params} | {m.summary} |")
     return "\n".join(rows)

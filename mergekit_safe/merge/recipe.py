@@ -227,6 +227,19 @@ def _value_problems(param: Param, value: Any, where: str) -> list[str]:
     return [problem] if problem else []
 
 
+@dataclass(frozen=True)
+class SliceSpec:
+    """One slice of a ``slices`` recipe (a frankenmerge): layers ``[start, stop)`` of one model, in order.
+
+    Attributes:
+        model: the source model's path.
+        layer_range: ``(start, stop)``, half-open like mergekit's ``layer_range``.
+    """
+
+    model: str
+    layer_range: tuple[int, int]
+
+
 @dataclass
 class ModelSpec:
     """One input model of a recipe: its path and its own parameters."""
@@ -247,6 +260,8 @@ class Recipe:
         dtype: output dtype name (default: the inputs' dtype).
         tokenizer_source: ``"base"`` or a model path: where config, tokenizer and chat template come from.
         source: where the recipe came from, for error messages.
+        slices: a ``slices`` recipe's layer ranges, stacked in order (``passthrough`` only; then ``models`` is
+            empty and the inputs are the slices' models).
     """
 
     merge_method: str
@@ -256,6 +271,7 @@ class Recipe:
     dtype: str | None = None
     tokenizer_source: str | None = None
     source: str | None = None
+    slices: list[SliceSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.base_model is not None:
@@ -266,7 +282,9 @@ class Recipe:
         return get_method(self.merge_method)
 
     def input_paths(self) -> list[str]:
-        """Every input path, the base first when there is one."""
+        """Every input path, the base first when there is one (a slices recipe: each model once, in order)."""
+        if self.slices:
+            return list(dict.fromkeys(sl.model for sl in self.slices))
         return ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
 
     def out_dtype(self) -> torch.dtype | None:
@@ -276,6 +294,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The recipe as mergekit-style YAML data."""
         out: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.slices:
+            return {**out, **slices_to_dict(self.slices, self.dtype)}
         if self.base_model:
             out["base_model"] = self.base_model
         out["models"] = [{"model": m.path, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models]
@@ -299,6 +319,8 @@ class Recipe:
             method = self.method
         except RecipeError as e:
             return [str(e)]
+        if self.slices:
+            return slice_problems(self)
         if method.base == "required" and not self.base_model:
             out.append(f"merge_method {method.name} needs a base_model")
         if method.base == "none" and self.base_model:
@@ -399,9 +421,12 @@ def recipe_problems(data: Any, source: str | None = None) -> tuple[Recipe | None
     """
     if not isinstance(data, dict):
         return None, ["a recipe must be a mapping with merge_method and models"]
-    problems = []
     if "slices" in data:
-        problems.append("'slices' recipes (layer surgery) are not supported; use models with parameters")
+        try:
+            return slices_recipe_from_dict(data, source), []
+        except RecipeError as e:
+            return None, e.problems
+    problems = []
     unknown = sorted(map(str, set(data) - _RECIPE_KEYS - {"slices"}))
     if unknown:
         problems.append(f"unknown keys {short_repr(unknown)}; known: {', '.join(sorted(_RECIPE_KEYS))}")
@@ -516,6 +541,78 @@ def _count_nodes(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int], p
     open_nodes.discard(key)
     sizes[key] = total
     return total
+
+
+_SLICES_KEYS = {"slices", "merge_method", "dtype", "out_dtype"}
+
+
+def slices_recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
+    """Build a ``slices`` recipe (mergekit's frankenmerge form), reporting every problem at once.
+
+    The supported form stacks one source per slice with ``merge_method: passthrough``::
+
+        slices:
+          - sources: [{model: ./a, layer_range: [0, 16]}]
+          - sources: [{model: ./b, layer_range: [8, 24]}]
+        merge_method: passthrough
+
+    Raises:
+        RecipeError: other keys, several sources in a slice, or a malformed ``layer_range``.
+    """
+    problems = []
+    unknown = sorted(set(data) - _SLICES_KEYS)
+    if unknown:
+        problems.append(f"unknown keys {unknown} in a slices recipe; known: {', '.join(sorted(_SLICES_KEYS))}")
+    raw = data.get("slices")
+    if not isinstance(raw, list) or not raw:
+        problems.append("slices must be a non-empty list of {sources: [{model, layer_range}]}")
+        raw = []
+    slices = []
+    for i, entry in enumerate(raw):
+        sources = entry.get("sources") if isinstance(entry, dict) else None
+        if not isinstance(sources, list) or len(sources) != 1:
+            n = len(sources) if isinstance(sources, list) else 0
+            problems.append(f"slices[{i}]: give exactly one source (passthrough stacks layers; merging several "
+                            f"sources per slice is not supported), got {n}")
+            continue
+        src = sources[0]
+        rng = src.get("layer_range") if isinstance(src, dict) else None
+        if not isinstance(src, dict) or not isinstance(src.get("model"), str):
+            problems.append(f"slices[{i}].sources[0] must be a mapping with a 'model' path")
+        elif set(src) - {"model", "layer_range"}:
+            problems.append(f"slices[{i}].sources[0]: unknown keys {sorted(set(src) - {'model', 'layer_range'})}")
+        elif (not isinstance(rng, list) or len(rng) != 2 or not all(type(x) is int for x in rng)
+              or not 0 <= rng[0] < rng[1]):
+            problems.append(f"slices[{i}].sources[0].layer_range must be [start, stop] with 0 <= start < stop, "
+                            f"got {rng!r}")
+        else:
+            slices.append(SliceSpec(src["model"], (rng[0], rng[1])))
+    if problems:
+        raise RecipeError(problems, source)
+    recipe = Recipe(merge_method=str(data.get("merge_method", "passthrough")), models=[],
+                    dtype=data.get("out_dtype") or data.get("dtype"), source=source, slices=slices)
+    return recipe.validate()
+
+
+def slice_problems(recipe: Recipe) -> list[str]:
+    """What is wrong with a slices recipe (empty when valid)."""
+    out = []
+    if recipe.merge_method != "passthrough":
+        out.append(f"slices recipes take merge_method passthrough, got {recipe.merge_method!r}")
+    if recipe.models or recipe.base_model or recipe.parameters:
+        out.append("a slices recipe takes no models, base_model or parameters")
+    if recipe.dtype is not None and recipe.dtype not in DTYPES:
+        out.append(f"dtype {recipe.dtype!r} is not one of {', '.join(DTYPES)}")
+    return out
+
+
+def slices_to_dict(slices: list[SliceSpec], dtype: str | None) -> dict[str, Any]:
+    """The ``slices`` (and ``dtype``) part of a recipe as mergekit-style YAML data."""
+    out: dict[str, Any] = {"slices": [{"sources": [{"model": sl.model, "layer_range": list(sl.layer_range)}]}
+                                      for sl in slices]}
+    if dtype:
+        out["dtype"] = dtype
+    return out
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -20,8 +20,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from mergekit_safe.kernels import kernel_module  # noqa: E402
 
 # The package's attributes of these names are the public functions; the modules live in sys.modules.
-apply, dare, slerp, ties, weighted_sum = (
-    kernel_module(m) for m in ("apply", "dare", "slerp", "ties", "weighted_sum")
+apply, dare, nearswap, slerp, ties, weighted_sum = (
+    kernel_module(m) for m in ("apply", "dare", "nearswap", "slerp", "ties", "weighted_sum")
 )
 
 D16 = [["tt.divisibility", 16]]
@@ -69,6 +69,11 @@ out["apply"] = build(
 )
 out["slerp_partials"] = build(
     slerp._slerp_partials_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "part_ptr": "*fp32", "n": "i64"},
+    {"BLOCK": 4096},
+)
+out["nearswap"] = build(
+    nearswap._nearswap_kernel,
+    {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "n": "i64", "t": "fp32", "min_dist": "fp32"},
     {"BLOCK": 4096},
 )
 print(json.dumps(out))

@@ -1,0 +1,272 @@
+"""Merges that see tensors as points on a sphere or in a cone (model_stock, nuslerp, multislerp, karcher), and
+the elementwise nearswap.
+
+Each of them (in its default, whole-tensor form) needs only the inner products of its inputs: given the
+Gram matrix ``G_ij = <x_i, x_j>`` (of the task vectors ``x_i = model_i - base`` when there is a base), the
+result is a weighted sum ``sum_i c_i x_i`` whose few coefficients are computed on the host in float64. So every
+method here is two passes over the tensors: one reduction (:func:`gram`, float64 accumulation in bounded
+chunks, never materializing a task vector) and one weighted sum through the merge kernel (the Triton path on
+CUDA). The Karcher mean's fixed-point iteration runs entirely in that coefficient space.
+
+The row-wise variants (``model_stock`` with ``filter_wise``, ``nuslerp`` without ``nuslerp_flatten``) have one
+set of coefficients per row and run in plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from mergekit_safe import kernels
+from mergekit_safe.errors import MergeKitSafeError
+from mergekit_safe.kernels import reference
+
+GRAM_CHUNK = 1 << 20  # elements per float64 slice: 8 MB of scratch per input, whatever the tensor's size
+
+
+def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, chunk: int = GRAM_CHUNK) -> torch.Tensor:
+    """Gram matrix of ``tensors`` (of ``t - base`` when ``base`` is given), accumulated in float64.
+
+    Args:
+        tensors: N tensors of one shape.
+        base: subtracted from each tensor first (exactly, in float64 per chunk), or None.
+        chunk: elements converted to float64 at a time.
+
+    Returns:
+        An ``(N, N)`` float64 CPU tensor.
+    """
+    n = len(tensors)
+    acc = torch.zeros(n, n, dtype=torch.float64, device=tensors[0].device)
+    flats = [t.reshape(-1) for t in tensors]
+    flat_base = base.reshape(-1) if base is not None else None
+    for start in range(0, flats[0].numel(), chunk):
+        rows = torch.stack([f[start:start + chunk].to(torch.float64) for f in flats])
+        if flat_base is not None:
+            rows -= flat_base[start:start + chunk].to(torch.float64)
+        acc += rows @ rows.T
+    return acc.cpu()
+
+
+def _combine(base: torch.Tensor | None, models: Sequence[torch.Tensor], coeffs: Sequence[float],
+             out_dtype: torch.dtype | None) -> torch.Tensor:
+    """``base + sum_i c_i (m_i - base)`` (or ``sum_i c_i m_i``) as one weighted sum of the inputs."""
+    first = base if base is not None else models[0]
+    # an explicit output lets the CPU path work in cache-sized blocks, with no full-size temporary per input
+    out = torch.empty(first.shape, dtype=out_dtype or first.dtype, device=first.device)
+    cs = [float(c) for c in coeffs]
+    if base is None:
+        return kernels.weighted_sum(list(models), cs, out=out)
+    return kernels.weighted_sum([base, *models], [1.0 - sum(cs), *cs], out=out)
+
+
+def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], filter_wise: bool = False,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Model Stock: move from the base towards the fine-tunes' average by ``t = N cos / (1 + (N - 1) cos)``.
+
+    ``cos`` is the mean pairwise cosine of the task vectors (per row with ``filter_wise``); where the
+    denominator vanishes the base is kept.
+
+    Args:
+        base: the pre-trained tensor.
+        models: N >= 2 fine-tuned tensors.
+        filter_wise: one ``t`` per row (the last dimension is a row) instead of one per tensor.
+        out_dtype: result dtype (default: ``base``'s).
+
+    Returns:
+        ``t * mean(models) + (1 - t) * base``.
+    """
+    n = len(models)
+    if filter_wise:
+        return _model_stock_rows(base, models, out_dtype)
+    g = gram(models, base)
+    norms = g.diagonal().sqrt()
+    cos = [max(-1.0, min(1.0, float(g[i, j]) / max(float(norms[i] * norms[j]), 1e-6)))
+           for i in range(n) for j in range(i + 1, n)]
+    c = sum(cos) / len(cos)
+    den = 1.0 + (n - 1) * c
+    t = 0.0 if abs(den) < 1e-6 else n * c / den
+    return _combine(base, models, [t / n] * n, out_dtype)
+
+
+def _model_stock_rows(base: torch.Tensor, models: Sequence[torch.Tensor],
+                      out_dtype: torch.dtype | None) -> torch.Tensor:
+    cd = reference.compute_dtype(base, *models)
+    b = base.to(cd).reshape(1, -1) if base.dim() < 2 else base.to(cd)
+    ws = [m.to(cd).reshape(b.shape) for m in models]
+    offsets = [w - b for w in ws]
+    cos = []
+    for i, a in enumerate(offsets):
+        for o in offsets[i + 1:]:
+            norm = (a.norm(dim=-1) * o.norm(dim=-1)).clamp(min=1e-6)
+            cos.append(((a * o).sum(-1) / norm).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    n = len(models)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
+    out = t * (sum(ws) / n) + (1 - t) * b
+    return out.reshape(base.shape).to(out_dtype or base.dtype)
+
+
+def slerp_pair_coefficients(dot: float, norm0: float, norm1: float, t: float, eps: float = 1e-8) -> tuple[float, float]:
+    """NuSLERP's two coefficients: ``sin((1-t) theta)/sin(theta)`` and ``sin(t theta)/sin(theta)``.
+
+    Lerp's ``(1 - t, t)`` when the directions are colinear, ``1 - cos**2 <= eps**2`` (mergekit's test, tighter
+    than SLERP's 0.9995 cut-off). Norms are clamped at 1e-7 like mergekit's normalization.
+    """
+    cos = max(-1.0, min(1.0, dot / (max(norm0, 1e-7) * max(norm1, 1e-7))))
+    if 1.0 - cos * cos <= eps * eps:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def nuslerp(base: torch.Tensor | None, models: Sequence[torch.Tensor], weights: Sequence[float],
+            row_wise: bool = False, flatten: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NuSLERP: SLERP between two models (or their task vectors when there is a base) at ``t = w1 / (w0 + w1)``.
+
+    Args:
+        base: optional base; with one, the task vectors are interpolated and added back to it.
+        models: exactly two tensors.
+        weights: their weights (``t = 0.5`` when they sum to ~0).
+        row_wise: without ``flatten``, interpolate columns (dim 0) instead of rows (the last dim).
+        flatten: interpolate the whole tensor as one vector (mergekit's default).
+        out_dtype: result dtype.
+
+    Returns:
+        The interpolated tensor.
+    """
+    total = float(weights[0]) + float(weights[1])
+    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+    if flatten or models[0].dim() == 0:
+        g = gram(models, base)
+        c0, c1 = slerp_pair_coefficients(float(g[0, 1]), math.sqrt(g[0, 0]), math.sqrt(g[1, 1]), t)
+        return _combine(base, models, [c0, c1], out_dtype)
+    cd = reference.compute_dtype(*models, *([base] if base is not None else []))
+    v0, v1 = (m.to(cd) - (base.to(cd) if base is not None else 0) for m in models)
+    if row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if row_wise:
+        out = out.transpose(0, -1)
+    if base is not None:
+        out = out + base.to(cd)
+    return out.to(out_dtype or (base if base is not None else models[0]).dtype)
+
+
+def multislerp_coefficients(g: torch.Tensor, weights: Sequence[float], normalize: bool = True,
+                            eps: float = 1e-8) -> list[float]:
+    """Multi-SLERP's coefficients over the inputs from their Gram matrix (all in float64).
+
+    The inputs are projected on the unit sphere, the weighted mean direction ``m`` is taken, the points are
+    mapped to the tangent space at ``m``, averaged there, mapped back by the exponential map and scaled by
+    the weighted mean norm. Every step is a linear combination of the inputs, so it runs on coefficients.
+
+    Raises:
+        MergeKitSafeError: more than two inputs whose weighted unit vectors cancel (no mean direction).
+    """
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = g.diagonal().sqrt()
+    inv = 1.0 / (norms + eps)  # x_i -> unit_i
+    mean = w * inv  # coefficients of sum_i w_i unit_i
+    mean_norm = abs(float(mean @ g @ mean)) ** 0.5
+    if mean_norm < eps:
+        if len(weights) == 2:
+            return w.tolist()
+        raise MergeKitSafeError("multislerp: the weighted unit vectors cancel out (antipodal inputs with "
+                                "balancing weights); use different weights")
+    mean = mean / mean_norm
+    dots = inv * (g @ mean)  # <unit_i, m>
+    tangent = w * inv - float((w * dots).sum()) * mean
+    tn = abs(float(tangent @ g @ tangent)) ** 0.5 + eps
+    result = mean * math.cos(tn) + tangent * (math.sin(tn) / tn)
+    return (result * float((norms * w).sum())).tolist()
+
+
+def multislerp(base: torch.Tensor | None, models: Sequence[torch.Tensor], weights: Sequence[float],
+               normalize_weights: bool = True, eps: float = 1e-8, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Multi-SLERP: barycentric interpolation of N models (of their task vectors when there is a base).
+
+    A single model is returned as it is.
+    """
+    if len(models) == 1:
+        return models[0].to(out_dtype or models[0].dtype)
+    coeffs = multislerp_coefficients(gram(models, base), weights, normalize_weights, eps)
+    return _combine(base, models, coeffs, out_dtype)
+
+
+def karcher_coefficients(g: torch.Tensor, max_iter: int = 10, tol: float = 1e-5) -> list[float]:
+    """Coefficients of the Karcher (Riemannian) mean of N inputs with equal weights, from their Gram matrix.
+
+    The inputs' directions are averaged on the unit sphere by the fixed-point iteration
+    ``m <- exp_m(sum_i a_i log_m(u_i))`` (at most ``max_iter`` steps, stopping when the tangent step is below
+    ``tol``; inputs with norm <= ``tol`` take no part), then scaled by the mean norm. The iterate stays in the
+    span of the inputs, so it is kept as coefficients over the unit vectors.
+    """
+    n = g.shape[0]
+    norms = g.diagonal().clamp(min=0).sqrt()
+    alphas = [1.0 / n] * n
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return [0.0] * n
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    gu = g / torch.outer(safe, safe)  # Gram of the unit vectors
+    a = torch.zeros(n, dtype=torch.float64)
+    a[valid] = 1.0 / len(valid)
+
+    def norm(c: torch.Tensor) -> float:
+        return abs(float(c @ gu @ c)) ** 0.5
+
+    mean_norm = norm(a)
+    mean = torch.zeros(n, dtype=torch.float64)
+    if mean_norm < tol:
+        mean[valid[0]] = 1.0
+    else:
+        mean = a / mean_norm
+    for _ in range(max_iter):
+        dots = (gu @ mean).clamp(-1.0, 1.0)
+        tangent = torch.zeros(n, dtype=torch.float64)
+        for i in valid:
+            theta = math.acos(float(dots[i]))
+            if theta < tol:
+                continue
+            step = (1.0 / len(valid)) * theta / math.sin(theta)
+            tangent[i] += step
+            tangent -= step * float(dots[i]) * mean
+        tn = norm(tangent)
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+        unit = norm(mean)
+        if unit > tol:
+            mean = mean / unit
+    scale = sum(al * float(nm) for al, nm in zip(alphas, norms))
+    return (scale * mean / safe).tolist()
+
+
+def karcher(inputs: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Karcher mean of the inputs (mergekit's ``karcher``: the base, if any, is one more input)."""
+    if len(inputs) == 1:
+        return inputs[0].to(out_dtype or inputs[0].dtype)
+    return _combine(None, inputs, karcher_coefficients(gram(inputs), max_iter, tol), out_dtype)
+
+
+def nearswap(base: torch.Tensor, model: torch.Tensor, t: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NearSwap: take the model's value where it is within ``t`` of the base, interpolate elsewhere.
+
+    ``w = clamp(t / max(|base - model|, 1e-6), 0, 1)``; result ``w * model + (1 - w) * base``. Elementwise
+    (the nearswap kernel: Triton on CUDA).
+    """
+    return kernels.nearswap(base, model, t, out_dtype=out_dtype)
