@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mergekit_safe.kernels import reference
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 from tests.test_methods import run_method
 
 mk_registry = pytest.importorskip("mergekit.merge_methods.registry")

@@ -15,7 +15,7 @@ from mergekit_safe.merge import geometry, sparsify
 from mergekit_safe.merge.engine import merge
 from mergekit_safe.merge.methods import get_method
 from mergekit_safe.merge.recipe import ModelSpec, Recipe
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 from tests.test_methods import rand, run_method
 
 NAME = "model.layers.0.mlp.up_proj.weight"
