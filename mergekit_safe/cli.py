@@ -196,6 +196,40 @@ def validate(recipe: Path) -> None:
     click.echo(f"{recipe}: ok ({r.merge_method}, {len(r.input_paths())} inputs)")
 
 
+@main.command("extract-lora")
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="The base the adapter applies to.")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="The checkpoint to reproduce.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter folder (atomic).")
+@click.option("--rank", type=int, help="Fixed rank per module [default: 32 when no rule is given].")
+@click.option("--energy", type=float, help="Per module, keep this fraction of the squared singular values.")
+@click.option("--sv-threshold", type=float, help="Per module, keep singular values >= this fraction of the largest.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Adapter dtype [default: the model's].")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu or cuda.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def extract_lora(base: Path, model: Path, output: Path, rank: int | None, energy: float | None,
+                 sv_threshold: float | None, dtype: str | None, device: str, overwrite: bool) -> None:
+    """Write MODEL - BASE as a PEFT LoRA adapter (truncated SVD per linear module) plus an error report.
+
+    \b
+    mergekit-safe extract-lora --base ./aligned --model ./repaired --rank 16 -o ./repaired-lora
+    mergekit-safe extract-lora --base ./aligned --model ./merged --energy 0.9 -o ./merged-lora
+    """
+    from mergekit_safe.merge.extract_lora import RankRule
+    from mergekit_safe.merge.extract_lora import extract_lora as run_extract
+    from mergekit_safe.merge.recipe import DTYPES
+
+    if rank is None and energy is None and sv_threshold is None:
+        rank = 32
+    rule = RankRule(rank=rank, energy=energy, sv_threshold=sv_threshold)
+    result = run_extract(base, model, output, rule, dtype=DTYPES[dtype] if dtype else None, device=device,
+                         overwrite=overwrite)
+    ranks = [m.rank for m in result.modules]
+    click.echo(f"wrote {result.out_dir}: {len(ranks)} LoRA modules (rank {min(ranks, default=0)}.."
+               f"{max(ranks, default=0)}), {len(result.modules_to_save)} modules saved whole, relative error "
+               f"{result.relative_error:.3g}\nreport: {result.report_path}")
+
+
 _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command resumes an interrupted search "
                  "(completed trials are reused); workers given the same URL and --study-name share one study "
                  "(optuna's distributed mode; a PostgreSQL/MySQL URL across machines).")
