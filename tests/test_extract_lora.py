@@ -162,3 +162,18 @@ def test_cli(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert bad.output.strip().splitlines()[-1] == ("Error: give exactly one of --rank, --energy, --sv-threshold "
                                                    "(got ['rank', 'energy'])")
+
+
+def test_tied_embeddings(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_safe.tiny import save_tiny_pair
+
+    base, tuned = save_tiny_pair(tmp_path / "pair", seed=2, tie=True)
+    res = extract_lora(base, tuned, tmp_path / "lora", RankRule(rank=10_000))
+    assert "model.embed_tokens" in res.modules_to_save
+    # the fine-tune's tied head moved with its embeddings; peft's model must follow it
+    reference = AutoModelForCausalLM.from_pretrained(tuned).eval()
+    assert_close(_logits(_peft(base, tmp_path / "lora")), _logits(reference), 1e-5, 1e-5, "logits")
+    view = open_input(tmp_path / "lora", base=str(base))
+    assert_close(view.get("lm_head.weight"), _state(tuned)["model.embed_tokens.weight"], 0, 0, "tied head")

@@ -182,6 +182,10 @@ def _split(base: Checkpoint, model: Checkpoint) -> _Split:
     out.lora = [n for n in out.lora if _module(n) not in whole]
     for m in whole:
         out.saved[m] = [n for n in model.keys() if _module(n) == m]
+    head = "lm_head.weight"
+    if head not in model.keys() and head in model and _module(model.info(head).name) in out.saved:
+        # a tied head moves with its embeddings; peft unties the embeddings it saves, so it needs the head too
+        out.saved["lm_head"] = [head]
     return out
 
 
