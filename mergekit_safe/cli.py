@@ -73,6 +73,8 @@ def _output_options(f: Any) -> Any:
         click.option("--strict", is_flag=True, help="NaN/Inf in an input is an error, not a warning."),
         click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (loaded weights_only)."),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+        click.option("--to-gguf", type=click.Choice(["F16", "BF16", "Q8_0"]), default=None,
+                     help="Also write OUTPUT/model-TYPE.gguf for llama.cpp (needs the gguf extra)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -80,8 +82,8 @@ def _output_options(f: Any) -> Any:
 
 
 def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, device: str, overwrite: bool,
-         strict: bool, allow_pickle: bool, no_progress: bool) -> None:
-    from mergekit_safe.merge.engine import merge
+         strict: bool, allow_pickle: bool, no_progress: bool, to_gguf: str | None = None) -> None:
+    from mergekit_safe.merge.engine import check_output_path, merge
 
     if dtype:
         recipe.dtype = dtype
@@ -89,13 +91,24 @@ def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, d
         shard = parse_size(max_shard_size)
     except ValueError:
         raise RecipeError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB or 500MB") from None
-    result = merge(recipe, output, max_shard_size=shard, device=device, overwrite=overwrite, strict=strict,
-                   allow_pickle=allow_pickle, progress=not no_progress)
+    kw: dict[str, Any] = dict(max_shard_size=shard, device=device, strict=strict, allow_pickle=allow_pickle,
+                              progress=not no_progress)
+    gguf_note = ""
+    if to_gguf:
+        from mergekit_safe.io.gguf import publish_with_gguf
+
+        check_output_path(output, recipe.input_paths())
+        result, gguf_file, notes = publish_with_gguf(lambda stage: merge(recipe, stage, **kw), output, to_gguf,
+                                                     overwrite=overwrite)
+        result.warnings += notes
+        gguf_note = f"; GGUF: {gguf_file}"
+    else:
+        result = merge(recipe, output, overwrite=overwrite, **kw)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     gbs = result.bytes_written / max(result.seconds, 1e-9) / 1e9
-    click.echo(f"wrote {result.out_dir} ({result.tensors} tensors, {result.bytes_written / 1e9:.2f} GB, "
-               f"{result.seconds:.1f} s, {gbs:.2f} GB/s)")
+    click.echo(f"wrote {output} ({result.tensors} tensors, {result.bytes_written / 1e9:.2f} GB, "
+               f"{result.seconds:.1f} s, {gbs:.2f} GB/s){gguf_note}")
 
 
 @main.command()

@@ -109,6 +109,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+def publish_folder(tmp: Path, out_dir: Path) -> Path:
+    """Move a finished folder onto ``out_dir`` with renames only; an old ``out_dir`` goes once the new one is there."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
 class CheckpointWriter:
     """Stream tensors into a new checkpoint folder, then publish it atomically.
 
@@ -237,14 +249,7 @@ class CheckpointWriter:
             weight_map = {s.name: self.shard_names[i] for i, shard in enumerate(self.shards) for s in shard}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
             (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out_dir
+        return publish_folder(self.tmp, self.out_dir)
 
     def _open_shard_empty(self) -> None:
         self.shards = [[]]
