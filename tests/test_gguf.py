@@ -134,3 +134,33 @@ def test_bad_inputs_and_outputs(half_pair: tuple[Path, Path], tmp_path: Path) ->
     res = _cli("merge", "--method", "lerp", *half_pair, "--to-gguf", "Q8_0", "-o", tmp_path / "taken")
     assert res.exit_code == 1 and "already exists" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "fake.gguf", "taken"]  # nothing left behind
+
+
+def test_tokenizer_travels_with_the_gguf(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from mergekit_safe.tiny import tiny_llama_config
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "how do I bake bread", "I'm sorry, I can't help"] * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    folder = tmp_path / "model"
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(fast) + 4)).save_pretrained(folder)  # 4 spare rows
+    fast.save_pretrained(folder)
+    assert write_gguf(folder, folder / "t.gguf", "F16") == []
+    reader = gguf.GGUFReader(folder / "t.gguf")
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert len(reader.get_field("tokenizer.ggml.tokens").contents()) == len(fast) + 4
+    back = AutoTokenizer.from_pretrained(folder, gguf_file="t.gguf")
+    for text in ["the cat sat", "bake bread on the mat!", "I'm sorry, I can't"]:
+        assert back(text).input_ids == fast(text).input_ids, text
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(fast) - 1)).save_pretrained(tmp_path / "small")
+    fast.save_pretrained(tmp_path / "small")
+    with pytest.raises(OutputError, match=f"the tokenizer has {len(fast)} tokens but the embeddings only"):
+        write_gguf(tmp_path / "small", tmp_path / "s.gguf", "F16")
+    assert not (tmp_path / "s.gguf").exists() and len(list(tmp_path.glob(".s.gguf*"))) == 0

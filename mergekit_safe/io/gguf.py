@@ -315,6 +315,8 @@ def _add_tokenizer(w: Any, folder: Path, vocab: int) -> str | None:
         tokens.append(text)
         scores.append(score)
         types.append(ttype)
+    if len(tokens) > vocab:
+        raise OutputError(f"{folder}: the tokenizer has {len(tokens)} tokens but the embeddings only {vocab} rows")
     for i in range(len(tokens), vocab):  # rows the embedding has beyond the tokenizer
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
@@ -322,9 +324,9 @@ def _add_tokenizer(w: Any, folder: Path, vocab: int) -> str | None:
     w.add_tokenizer_model(tok.tokenizer_model)
     if tok.tokenizer_model == "gpt2":
         w.add_tokenizer_pre("default")
-    w.add_token_list(tokens[:vocab])
-    w.add_token_scores(scores[:vocab])
-    w.add_token_types(types[:vocab])
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
     gguf.SpecialVocab(folder, load_merges=tok.tokenizer_model == "gpt2", n_vocab=vocab).add_to_gguf(w, quiet=True)
     return None
 
