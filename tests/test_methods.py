@@ -35,7 +35,7 @@ def rand(*shape: int) -> torch.Tensor:
 
 def test_registry_lists_every_method() -> None:
     assert set(METHODS) == {"lerp", "ema", "linear", "task_arithmetic", "safety_vector", "slerp", "ties",
-                            "dare_linear", "dare_ties"}
+                            "dare_linear", "dare_ties", "safe_lora", "safemerge"}
     with pytest.raises(RecipeError, match="unknown merge_method 'nope'; choose one of dare_linear, dare_ties"):
         get_method("nope")
 
