@@ -219,9 +219,13 @@ def validate(recipe: Path) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Adapter dtype [default: the model's].")
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu or cuda.")
+@click.option("--randomized/--full-svd", default=None,
+              help="With --rank: seeded randomized SVD (fast) or the full SVD [default: randomized on cuda].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def extract_lora(base: Path, model: Path, output: Path, rank: int | None, energy: float | None,
-                 sv_threshold: float | None, dtype: str | None, device: str, overwrite: bool) -> None:
+                 sv_threshold: float | None, dtype: str | None, device: str, randomized: bool | None, seed: int,
+                 overwrite: bool) -> None:
     """Write MODEL - BASE as a PEFT LoRA adapter (truncated SVD per linear module) plus an error report.
 
     \b
@@ -236,7 +240,7 @@ def extract_lora(base: Path, model: Path, output: Path, rank: int | None, energy
         rank = 32
     rule = RankRule(rank=rank, energy=energy, sv_threshold=sv_threshold)
     result = run_extract(base, model, output, rule, dtype=DTYPES[dtype] if dtype else None, device=device,
-                         overwrite=overwrite)
+                         overwrite=overwrite, randomized=randomized, seed=seed)
     ranks = [m.rank for m in result.modules]
     click.echo(f"wrote {result.out_dir}: {len(ranks)} LoRA modules (rank {min(ranks, default=0)}.."
                f"{max(ranks, default=0)}), {len(result.modules_to_save)} modules saved whole, relative error "

@@ -75,7 +75,8 @@ class ModuleReport:
         rank: rank kept.
         full_rank: ``min(out, in)``.
         norm: ``||D||_F``.
-        tail_error: ``sqrt(sum of the dropped singular values squared)``: the SVD's own error.
+        tail_error: the truncated SVD's own error before the factors are rounded to their dtype:
+            ``sqrt(sum of the dropped singular values squared)`` (measured directly after a randomized SVD).
         error: ``||D - B @ A||_F`` measured in float64 with the factors as stored.
         relative_error: ``error / norm``.
     """
@@ -107,6 +108,7 @@ class ExtractResult:
     modules_to_save: list[str] = field(default_factory=list)
     unchanged: int = 0
     report_path: Path | None = None
+    randomized_seed: int | None = None
 
     @property
     def relative_error(self) -> float:
@@ -116,8 +118,30 @@ class ExtractResult:
         return num / den if den else 0.0
 
 
-def low_rank(delta: torch.Tensor, rule: RankRule, dtype: torch.dtype, module: str = "") -> tuple[
-        torch.Tensor, torch.Tensor, ModuleReport]:
+def randomized_svd(d: torch.Tensor, rank: int, seed: int, *, oversample: int = 10, iters: int = 4) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triplets of ``d`` by a seeded randomized range finder (Halko et al., 2011).
+
+    ``torch.svd_lowrank`` draws from the global RNG; this takes its own generator, so it is reproducible and leaves
+    the process's random state alone. ``iters`` power iterations (re-orthonormalized) sharpen a slowly decaying
+    spectrum.
+
+    Returns:
+        ``(U [m, k], S [k], Vh [k, n])`` with ``k = min(rank + oversample, m, n)``.
+    """
+    m, n = d.shape
+    k = min(rank + oversample, m, n)
+    g = torch.Generator(device=d.device).manual_seed(seed)
+    q, _ = torch.linalg.qr(d @ torch.randn(n, k, generator=g, device=d.device, dtype=d.dtype))
+    for _ in range(iters):
+        q, _ = torch.linalg.qr(d.T @ q)
+        q, _ = torch.linalg.qr(d @ q)
+    u, s, vh = torch.linalg.svd(q.T @ d, full_matrices=False)
+    return q @ u, s, vh
+
+
+def low_rank(delta: torch.Tensor, rule: RankRule, dtype: torch.dtype, module: str = "", *,
+             seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ModuleReport]:
     """Truncated SVD of one delta ``D`` (``[out, in]``) as LoRA factors ``B`` (``[out, r]``), ``A`` (``[r, in]``).
 
     ``sqrt(S)`` goes to both factors so neither over- nor underflows in half precision.
@@ -127,12 +151,16 @@ def low_rank(delta: torch.Tensor, rule: RankRule, dtype: torch.dtype, module: st
         rule: how many singular values to keep.
         dtype: dtype of the returned factors (on the CPU).
         module: name for the report.
+        seed: with a fixed ``rule.rank``, use :func:`randomized_svd` with this seed instead of the full SVD.
 
     Returns:
         ``(A, B, report)``.
     """
     d = delta.float()
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    if seed is not None and rule.rank is not None:
+        u, s, vh = randomized_svd(d, rule.rank, seed)
+    else:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
     r = rule.choose(s)
     root = s[:r].sqrt()
     b = (u[:, :r] * root).to(dtype).cpu()
@@ -140,7 +168,10 @@ def low_rank(delta: torch.Tensor, rule: RankRule, dtype: torch.dtype, module: st
     ref = delta.double().cpu()
     error = float(torch.linalg.matrix_norm(ref - b.double() @ a.double()))
     norm = float(torch.linalg.matrix_norm(ref))
-    tail = float(s[r:].double().square().sum().sqrt())
+    if s.numel() == min(d.shape):
+        tail = float(s[r:].double().square().sum().sqrt())
+    else:  # only the top values are known: measure the unrounded truncation (||D||^2 - sum s^2 cancels badly)
+        tail = float(torch.linalg.matrix_norm(ref - ((u[:, :r] * s[:r]) @ vh[:r]).double().cpu()))
     report = ModuleReport(module, tuple(delta.shape), r, s.numel(), norm, tail, error, error / norm if norm else 0.0)
     return a, b, report
 
@@ -214,7 +245,7 @@ def adapter_config(base: str, reports: list[ModuleReport], saved: list[str]) -> 
 
 def extract_lora(
     base: str | Path, model: str | Path, out_dir: str | Path, rule: RankRule, *, dtype: torch.dtype | None = None,
-    device: str = "cpu", overwrite: bool = False,
+    device: str = "cpu", overwrite: bool = False, randomized: bool | None = None, seed: int = 0,
 ) -> ExtractResult:
     """Write ``model - base`` as a PEFT LoRA adapter with a per-module error report.
 
@@ -226,6 +257,8 @@ def extract_lora(
         dtype: dtype of the adapter tensors [default: each tensor's dtype in ``model``].
         device: where the SVDs run (``cpu`` or ``cuda``).
         overwrite: replace an existing ``out_dir``.
+        randomized: with ``rule.rank``, a seeded randomized SVD instead of the full one [default: on CUDA only].
+        seed: seed of the randomized SVD.
 
     Returns:
         An :class:`ExtractResult`.
@@ -241,14 +274,17 @@ def extract_lora(
 
     out = Path(out_dir)
     check_output_path(out, [str(base), str(model)])
-    result = ExtractResult(out)
+    if randomized is None:
+        randomized = torch.device(device).type == "cuda"
+    svd_seed = seed if randomized and rule.rank is not None else None
+    result = ExtractResult(out, randomized_seed=svd_seed)
     with open_checkpoint(base) as b, open_checkpoint(model) as m:
         split = _split(b, m)
         result.unchanged = split.unchanged
         factors: list[tuple[TensorSpec, torch.Tensor]] = []
         for name in split.lora:
             delta = m.get(name).to(device).float() - b.get(name).to(device).float()
-            a, bb, rep = low_rank(delta, rule, dtype or m.info(name).dtype, _module(name))
+            a, bb, rep = low_rank(delta, rule, dtype or m.info(name).dtype, _module(name), seed=svd_seed)
             m.release(name)
             b.release(name)
             if rep.rank == 0:
@@ -278,6 +314,7 @@ def extract_lora(
 def _report(result: ExtractResult, base: str | Path, model: str | Path, rule: RankRule) -> dict[str, object]:
     return {
         "base": str(base), "model": str(model), "rule": {k: v for k, v in asdict(rule).items() if v is not None},
+        "svd": "randomized" if result.randomized_seed is not None else "full", "seed": result.randomized_seed,
         "relative_error": result.relative_error, "modules_to_save": result.modules_to_save,
         "unchanged_tensors": result.unchanged, "modules": [asdict(r) for r in result.modules],
     }
