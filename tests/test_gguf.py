@@ -51,6 +51,7 @@ def test_merge_to_f16_gguf_is_exact(half_pair: tuple[Path, Path], tmp_path: Path
     res = _cli("merge", "--method", "lerp", "--alpha", "0.25", aligned, tuned, "--to-gguf", "F16", "-o", out)
     assert res.exit_code == 0, res.output
     assert "GGUF: " in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert f"warning: {out}: no tokenizer llama.cpp can use" in res.output  # the tiny model has none
     merged = load_file(out / "model.safetensors")
     reader = gguf.GGUFReader(out / "model-F16.gguf")
     field = lambda k: reader.get_field(k).contents()  # noqa: E731

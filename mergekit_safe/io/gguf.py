@@ -108,10 +108,7 @@ def permute_qk(w: torch.Tensor, heads: int, *, inverse: bool = False) -> torch.T
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
-    if f is None:
-        return default
-    value = f.contents()
-    return value
+    return default if f is None else f.contents()
 
 
 class GGUFCheckpoint:
@@ -307,7 +304,7 @@ def _add_tokenizer(w: Any, folder: Path, vocab: int) -> str | None:
             tok = kind(folder)
             break
         except (FileNotFoundError, ImportError, ValueError, KeyError, TypeError):
-            continue
+            continue  # gguf's vocab classes signal "not my format" with these; the next one may fit
     if tok is None:
         return f"{folder}: no tokenizer llama.cpp can use (tokenizer.json or tokenizer.model); the GGUF has none"
     tokens, scores, types = [], [], []
@@ -462,7 +459,8 @@ def publish_with_gguf(build: Callable[[Path], T], out_dir: str | Path, qtype: st
     stage = out.parent / f".{out.name}.gguf-{uuid.uuid4().hex[:8]}"
     try:
         result = build(stage)
-        warnings = write_gguf(stage, stage / gguf_file_name(qtype), qtype)
+        # warnings name the folder the user asked for, not the hidden staging folder
+        warnings = [w.replace(str(stage), str(out)) for w in write_gguf(stage, stage / gguf_file_name(qtype), qtype)]
         publish_folder(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -69,7 +69,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def applies(name: str, shape: tuple[int, ...]) -> bool:
     """Whether a tensor is one of the weight matrices the methods act on (2-D, not embeddings or head)."""
-    from mergekit_safe.merge.recipe import module_type
+    from mergekit_safe.merge.recipe import module_type  # recipe imports methods, which imports this module
 
     return len(shape) == 2 and module_type(name) not in ("embed", "head")
 
