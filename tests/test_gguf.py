@@ -165,3 +165,30 @@ def test_tokenizer_travels_with_the_gguf(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=f"the tokenizer has {len(fast)} tokens but the embeddings only"):
         write_gguf(tmp_path / "small", tmp_path / "s.gguf", "F16")
     assert not (tmp_path / "s.gguf").exists() and len(list(tmp_path.glob(".s.gguf*"))) == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_other_families_round_trip_through_transformers(tmp_path: Path, family: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               tie_word_embeddings=False, head_dim=128 if family == "qwen3" else 8)
+    # transformers' GGUF loader ignores qwen3.attention.key_length and uses Qwen3's default head_dim, 128
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).half()
+    with torch.no_grad():
+        for p in model.parameters():  # norms start at 1 and biases at 0: move them so the mapping is tested
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "m")
+    write_gguf(tmp_path / "m", tmp_path / "m" / "f.gguf", "F16")
+    src = load_file(tmp_path / "m" / "model.safetensors")
+    assert any(k.endswith("q_proj.bias") for k in src) == (family == "qwen2")
+    theirs = _hf_from_gguf(tmp_path / "m", "f.gguf")
+    ours = open_gguf(tmp_path / "m" / "f.gguf")
+    for name, t in src.items():
+        assert torch.equal(theirs.state_dict()[name].to(t.dtype), t), name
+        assert torch.equal(ours.get(name).to(t.dtype), t), name
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert_close(theirs(IDS).logits, ref(IDS).logits, 0, 0, "logits")

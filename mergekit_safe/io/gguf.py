@@ -286,9 +286,9 @@ def _add_hparams(w: Any, cfg: dict[str, Any], name: str, qtype: str, vocab: int)
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_rope_dimension_count(head_dim)
-    if head_dim != int(cfg["hidden_size"]) // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    # always explicit: readers that miss it fall back to their family's default (transformers' Qwen3: 128)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_vocab_size(vocab)
     w.add_file_type({"F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
                      "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
