@@ -97,6 +97,8 @@ def _output_options(f: Any) -> Any:
         click.option("--strict", is_flag=True, help="NaN/Inf in an input is an error, not a warning."),
         click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (loaded weights_only)."),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+        click.option("--to-gguf", type=click.Choice(["F16", "BF16", "Q8_0"]), default=None,
+                     help="Also write OUTPUT/model-TYPE.gguf for llama.cpp (needs the gguf extra)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -104,8 +106,8 @@ def _output_options(f: Any) -> Any:
 
 
 def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, device: str, overwrite: bool,
-         strict: bool, allow_pickle: bool, no_progress: bool) -> None:
-    from mergekit_safe.merge.engine import merge
+         strict: bool, allow_pickle: bool, no_progress: bool, to_gguf: str | None = None) -> None:
+    from mergekit_safe.merge.engine import merge, merge_into
 
     if dtype:
         recipe.dtype = dtype
@@ -113,13 +115,24 @@ def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, d
         shard = parse_size(max_shard_size)
     except ValueError as e:
         raise RecipeError(f"--max-shard-size {e}") from None
-    result = merge(recipe, output, max_shard_size=shard, device=str(resolve_device(device)), overwrite=overwrite,
-                   strict=strict, allow_pickle=allow_pickle, progress=not no_progress)
+    kw: dict[str, Any] = dict(max_shard_size=shard, device=str(resolve_device(device)), strict=strict,
+                              allow_pickle=allow_pickle, progress=not no_progress)
+    gguf_note = ""
+    if to_gguf:
+        from mergekit_safe.io.gguf import publish_with_gguf
+
+        result, gguf_file, notes = publish_with_gguf(lambda stage: merge_into(recipe, stage, **kw), output, to_gguf,
+                                                     overwrite=overwrite,
+                                                     inputs=[Path(p) for p in recipe.input_paths()])
+        result.warnings += notes
+        gguf_note = f"; GGUF: {gguf_file}"
+    else:
+        result = merge(recipe, output, overwrite=overwrite, **kw)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     gbs = result.bytes_written / max(result.seconds, 1e-9) / 1e9
-    click.echo(f"wrote {result.out_dir} ({result.tensors} tensors, {result.bytes_written / 1e9:.2f} GB, "
-               f"{result.seconds:.1f} s, {gbs:.2f} GB/s)")
+    click.echo(f"wrote {output} ({result.tensors} tensors, {result.bytes_written / 1e9:.2f} GB, "
+               f"{result.seconds:.1f} s, {gbs:.2f} GB/s){gguf_note}")
 
 
 @main.command()
@@ -221,6 +234,44 @@ def validate(recipe: Path, allow_pickle: bool) -> None:
     if problems or r is None:
         raise RecipeError(capped(problems), str(recipe))
     click.echo(f"{recipe}: ok ({r.merge_method}, {len(r.input_paths())} inputs)")
+
+
+@main.command("extract-lora")
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="The base the adapter applies to.")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="The checkpoint to reproduce.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter folder (atomic).")
+@click.option("--rank", type=int, help="Fixed rank per module [default: 32 when no rule is given].")
+@click.option("--energy", type=float, help="Per module, keep this fraction of the squared singular values.")
+@click.option("--sv-threshold", type=float, help="Per module, keep singular values >= this fraction of the largest.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Adapter dtype [default: the model's].")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu or cuda.")
+@click.option("--randomized/--full-svd", default=None,
+              help="With --rank: seeded randomized SVD (fast) or the full SVD [default: randomized on cuda].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def extract_lora(base: Path, model: Path, output: Path, rank: int | None, energy: float | None,
+                 sv_threshold: float | None, dtype: str | None, device: str, randomized: bool | None, seed: int,
+                 overwrite: bool) -> None:
+    """Write MODEL - BASE as a PEFT LoRA adapter (truncated SVD per linear module) plus an error report.
+
+    \b
+    mergekit-safe extract-lora --base ./aligned --model ./repaired --rank 16 -o ./repaired-lora
+    mergekit-safe extract-lora --base ./aligned --model ./merged --energy 0.9 -o ./merged-lora
+    """
+    from mergekit_safe.merge.extract_lora import RankRule
+    from mergekit_safe.merge.extract_lora import extract_lora as run_extract
+    from mergekit_safe.merge.recipe import DTYPES
+
+    if rank is None and energy is None and sv_threshold is None:
+        rank = 32
+    rule = RankRule(rank=rank, energy=energy, sv_threshold=sv_threshold)
+    result = run_extract(base, model, output, rule, dtype=DTYPES[dtype] if dtype else None, device=device,
+                         overwrite=overwrite, randomized=randomized, seed=seed)
+    ranks = [m.rank for m in result.modules]
+    click.echo(f"wrote {result.out_dir}: {len(ranks)} LoRA modules (rank {min(ranks, default=0)}.."
+               f"{max(ranks, default=0)}), {len(result.modules_to_save)} modules saved whole, relative error "
+               f"{result.relative_error:.3g}\nreport: {result.report_path}")
 
 
 _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command resumes an interrupted search "

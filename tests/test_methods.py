@@ -36,7 +36,8 @@ def rand(*shape: int) -> torch.Tensor:
 def test_registry_lists_every_method() -> None:
     assert set(METHODS) == {"lerp", "ema", "linear", "task_arithmetic", "safety_vector", "slerp", "ties",
                             "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                            "sce", "model_stock", "nuslerp", "multislerp", "karcher", "nearswap", "passthrough"}
+                            "sce", "model_stock", "nuslerp", "multislerp", "karcher", "nearswap", "passthrough",
+                            "safe_lora", "safemerge"}
     with pytest.raises(RecipeError, match="unknown merge_method 'nope'; choose one of breadcrumbs, breadcrumbs_ties, dare_linear"):
         get_method("nope")
 

@@ -336,9 +336,9 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
     """Open a checkpoint for lazy reading.
 
     Accepts a Hugging Face folder (``model.safetensors`` or a sharded ``model.safetensors.index.json``), a
-    single ``.safetensors`` file, or, with ``allow_pickle``, ``pytorch_model.bin`` weights (loaded with
-    ``weights_only=True``). A PEFT adapter folder opens as its raw adapter tensors; merge it onto its base with
-    :func:`mergekit_safe.io.adapters.open_adapter`.
+    single ``.safetensors`` file, a llama.cpp ``.gguf`` file (:mod:`mergekit_safe.io.gguf`), or, with
+    ``allow_pickle``, ``pytorch_model.bin`` weights (loaded with ``weights_only=True``). A PEFT adapter folder
+    opens as its raw adapter tensors; merge it onto its base with :func:`mergekit_safe.io.adapters.open_adapter`.
 
     Args:
         path: folder or file.
@@ -359,6 +359,10 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_file():
+        if p.suffix == ".gguf":
+            from mergekit_safe.io.gguf import open_gguf  # the gguf package is an optional extra
+
+            return open_gguf(p)  # type: ignore[return-value]  # same reader interface, dequantized on read
         if p.suffix == ".safetensors":
             return Checkpoint(p, _open_safetensors(None, [p], None), [p], None)
         if p.suffix in (".bin", ".pt", ".pth"):

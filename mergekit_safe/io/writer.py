@@ -154,6 +154,7 @@ class CheckpointWriter:
     def __init__(
         self, out_dir: Path, specs: list[TensorSpec], max_shard_size: int, *, overwrite: bool = False,
         publish: bool = True,
+        file_name: str = SAFE_SINGLE,
     ) -> None:
         self.out_dir = Path(out_dir)
         self._stage = contextlib.ExitStack()
@@ -165,7 +166,8 @@ class CheckpointWriter:
             raise OutputError(f"{self.out_dir}: not an existing folder to write into")
         self.shards = plan_shards(specs, max_shard_size)
         n = len(self.shards)
-        self.shard_names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.file_name = file_name  # a PEFT adapter is one adapter_model.safetensors
+        self.shard_names = [file_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._queue = [(spec, i) for i, shard in enumerate(self.shards) for spec in shard]
         self._pos = 0  # index into _queue of the tensor being written
         self._written = 0  # bytes of that tensor written so far
@@ -270,8 +272,8 @@ class CheckpointWriter:
 
     def _open_shard_empty(self) -> None:
         self.shards = [[]]
-        self.shard_names = [SAFE_SINGLE]
-        self._file = open(self.tmp / SAFE_SINGLE, "wb")
+        self.shard_names = [self.file_name]
+        self._file = open(self.tmp / self.file_name, "wb")
         self._file_index = 0
         self._raw_write(safetensors_header([]), "<header>")
 

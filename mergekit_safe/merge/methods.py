@@ -22,7 +22,7 @@ import torch
 from mergekit_safe import kernels
 from mergekit_safe.errors import RecipeError
 from mergekit_safe.kernels import reference
-from mergekit_safe.merge import geometry, sparsify
+from mergekit_safe.merge import geometry, safety, sparsify
 from mergekit_safe.merge.streaming import Chunk, Streamed, TensorStream, chunk_deltas, dot_and_norms
 from mergekit_safe.merge.streaming import magnitude_thresholds, run_whole
 
@@ -527,6 +527,49 @@ register(MergeMethod(
     base="none", min_models=1, max_models=1,
     params=(Param("scale", 1.0, per_model=True, doc="factor applied to the model's tensors"),),
     coefficients=_passthrough,
+))
+
+
+def _safe_lora(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    finetuned, unaligned = job.models
+    if not safety.applies(job.name, tuple(job.base.shape)):
+        return finetuned.to(job.out_dtype)
+    out, _ = safety.safe_lora_update(job.base, finetuned, unaligned, threshold=float(job.params["threshold"]),
+                                     exact=bool(job.params["exact"]))
+    return out.to(job.out_dtype)
+
+
+def _safemerge(job: TensorJob) -> torch.Tensor:
+    assert job.base is not None
+    finetuned, unaligned, safe = job.models
+    if not safety.applies(job.name, tuple(job.base.shape)):
+        return finetuned.to(job.out_dtype)
+    p = job.params
+    out, _ = safety.safemerge_update(job.base, finetuned, unaligned, safe, threshold=float(p["threshold"]),
+                                     weight=float(p["weight"]), safety_weight=float(p["safety_weight"]),
+                                     exact=bool(p["exact"]))
+    return out.to(job.out_dtype)
+
+
+_EXACT = Param("exact", False, tensor=False, doc="orthogonal projection V(V^T V)^+V^T instead of VV^T/||V||_F")
+
+register(MergeMethod(
+    "safe_lora", "Safe LoRA: per weight matrix, aligned + P(ft - aligned) when cos(P D, D) <= threshold, "
+    "P = projection on V = aligned - unaligned; base = aligned, models = [fine-tune, unaligned]",
+    base="required", min_models=2, max_models=2,
+    params=(Param("threshold", 0.5, low=-1.0, high=1.0, doc="project layers whose cosine is at most this"),
+            _EXACT),
+    combine=_safe_lora, side_files_from=1,
+))
+register(MergeMethod(
+    "safemerge", "SafeMERGE: layers with cos(P D, D) < threshold become aligned + weight*(ft - aligned) + "
+    "safety_weight*(safety - aligned); base = aligned, models = [fine-tune, unaligned, safety model]",
+    base="required", min_models=3, max_models=3,
+    params=(Param("threshold", 0.35, low=-1.0, high=1.0, doc="merge layers whose cosine is below this"),
+            Param("weight", 0.8, doc="weight of the fine-tune's update in a merged layer"),
+            Param("safety_weight", 0.2, doc="weight of the safety model's update in a merged layer"), _EXACT),
+    combine=_safemerge, side_files_from=1,
 ))
 
 
