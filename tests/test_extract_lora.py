@@ -14,7 +14,7 @@ from mergekit_safe.cli import main
 from mergekit_safe.errors import CheckpointError, RecipeError
 from mergekit_safe.io.adapters import open_input
 from mergekit_safe.merge.extract_lora import REPORT_NAME, RankRule, extract_lora
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7]])
 

@@ -14,7 +14,7 @@ from mergekit_safe.errors import CheckpointError, OutputError
 from mergekit_safe.io.gguf import gguf_to_hf, hf_to_gguf, open_gguf, write_gguf
 from mergekit_safe.io.reader import open_checkpoint
 from mergekit_safe.tiny import save_tiny_pair
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 gguf = pytest.importorskip("gguf")
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7]])

@@ -21,7 +21,7 @@ from mergekit_safe.merge.engine import merge
 from mergekit_safe.merge.methods import get_method
 from mergekit_safe.merge.recipe import ModelSpec, Recipe
 from mergekit_safe.merge.safety import applies, cosine, project, safe_lora_adapter
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 from tests.test_adapters import make_adapter
 
 

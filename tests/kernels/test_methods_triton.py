@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import EPS32, assert_close
+from kernel_testing import EPS32
+
+from tests.helpers import assert_close
 
 from mergekit_safe.merge import geometry, sparsify
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import DTYPES, EPS32, OUT_ATOL, OUT_RTOL, SHAPES, assert_close, kernel_module, make
+from kernel_testing import DTYPES, EPS32, OUT_ATOL, OUT_RTOL, SHAPES, kernel_module, make
+
+from tests.helpers import assert_close
 
 from mergekit_safe.kernels import reference
 
