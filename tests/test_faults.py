@@ -7,7 +7,7 @@ byte-identical, the output is absent (or the previous one) or complete and byte-
 output (whose tensors load with safetensors and match float64 math), nothing else is in the parent folder (a
 SIGKILLed run may leave only its own partial folder), and a clean rerun to the same output succeeds. The faults
 fire at the steps that change the disk (tests/_fault_driver.py); every run is forked from one driver process
-per test, so the suite costs well under a minute of CPU.
+per test, so the suite costs about a minute of CPU.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ def check_output_path(out_dir: Path, inputs: Sequence[str]) -> None:
 
 
 def is_previous_output(folder: Path) -> bool:
-    """Whether ``folder`` is a mergekit-safe output holding only the files its manifest lists."""
+    """Whether ``--overwrite`` may replace ``folder``: a mergekit-safe output holding only the files its manifest
+    lists, or an empty folder."""
     try:
         return _unlisted(folder) is None
     except OutputError:
