@@ -34,3 +34,22 @@ def test_peak_memory_is_set_by_the_chunk(op: str, big_pair: tuple[Path, Path, tu
     # few MiB of chunk temporaries and allocator slack (measured 6-10 MiB). A quarter of one tensor separates
     # the two with room for the allocator.
     assert grown < tensor_bytes // 4, f"{op}: peak RSS grew {grown / 2**20:.1f} MiB on a {tensor_bytes >> 20} MiB tensor"
+
+
+def test_chunked_inspect_matches_float64_reference(tiny_pair: tuple[Path, Path]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from mergekit_safe.merge.inspect import diff_checkpoints
+
+    a, b = tiny_pair
+    diffs, only = diff_checkpoints(str(a), str(b), chunk_elems=7)  # many chunks per tensor, a ragged last one
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert not only and {d.name for d in diffs} == set(sa)
+    for d in diffs:
+        x, y = sa[d.name].double().flatten(), sb[d.name].double().flatten()
+        assert d.numel == x.numel()
+        assert d.rel_delta == pytest.approx(float((y - x).norm() / x.norm()), rel=1e-9, abs=1e-12)
+        assert d.cosine == pytest.approx(float(x @ y / (x.norm() * y.norm())), rel=1e-9)
+        assert d.max_abs == float((y - x).abs().max())
+        assert torch.isfinite(torch.tensor(d.rel_delta))
