@@ -358,7 +358,7 @@ def _print_repair(report: dict[str, Any], table: Any, out: Path, report_path: Pa
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("mergekit_safe_demo"),
               show_default=True, help="Folder for the demo's repaired model, report and plot.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the model organism and the search.")
-@click.option("--trials", type=int, default=60, show_default=True, help="Search trials.")
+@click.option("--trials", type=click.IntRange(min=1), default=60, show_default=True, help="Search trials.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Organism cache [default: $MERGEKIT_SAFE_CACHE or "
               "~/.cache/mergekit_safe/organism].")
 def demo(output: Path, seed: int, trials: int, cache: Path | None) -> None:

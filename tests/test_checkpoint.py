@@ -98,7 +98,9 @@ def test_shard_planning_and_sizes() -> None:
     specs = [TensorSpec(f"t{i}", (10,), torch.float32) for i in range(5)]  # 40 bytes each
     assert [len(s) for s in plan_shards(specs, 100)] == [2, 2, 1]
     assert [len(s) for s in plan_shards(specs, 10)] == [1, 1, 1, 1, 1]
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100") == 100
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100B") == 100
+    with pytest.raises(ValueError, match="give a unit"):  # a bare number is ambiguous (5 bytes or 5 GB?)
+        parse_size("100")
 
 
 def test_sort_checkpoints_by_step() -> None:

@@ -85,16 +85,16 @@ def _diff_tensor(a: Any, b: Any, name: str, step: int, device: torch.device) -> 
         n = -1
     if n >= 0:
         aa = bb = ab = dd = 0.0
-        mx = torch.zeros((), dtype=torch.float64)  # torch.maximum keeps a NaN, Python's max would drop it
+        peak = torch.zeros((), dtype=torch.float64)  # torch.maximum keeps a NaN; Python's max would drop it
         for start in range(0, n, step):
             stop = min(n, start + step)
             xa, xb = a.get(name, start, stop).to(device).double(), b.get(name, start, stop).to(device).double()
             d = xb - xa
             aa, bb, ab, dd = aa + float(xa @ xa), bb + float(xb @ xb), ab + float(xa @ xb), dd + float(d @ d)
-            mx = torch.maximum(mx, d.abs().max())
+            peak = torch.maximum(peak, d.abs().max())
             a.release(name)
             b.release(name)
-        mx = float(mx)
+        mx = float(peak)
         na, nb, nd = math.sqrt(aa), math.sqrt(bb), math.sqrt(dd)
         rel = nd / na if na > 0 else (0.0 if nd == 0 else math.inf)
         cos = ab / (na * nb) if na > 0 and nb > 0 else float("nan")
