@@ -83,7 +83,7 @@ def run_ours(inputs: dict[str, Any], args: argparse.Namespace, out: Path) -> dic
     t0 = time.perf_counter()
     result = repair(cfg)
     wall = time.perf_counter() - t0
-    rep = result.report
+    rep = result.report.to_dict()
     m = rep["metrics"]["repaired"]
     return {"provider": f"ours ({args.method}, {rep['strategy']}, {args.groups})", "trials": rep["cost"]["trials"],
             "forward_runs": rep["cost"]["forward_runs"], "generation_runs": rep["cost"]["generation_runs"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -433,6 +434,31 @@ def merge(
         writer.write_text("mergekit_safe_recipe.yml", recipe.to_yaml())
         writer.finalize()
     result.seconds = time.perf_counter() - t0
+    return result
+
+
+def merge_into(recipe: Recipe, folder: str | Path, **options: Any) -> MergeResult:
+    """Write a merge's checkpoint into an existing (empty) folder, without publishing it.
+
+    Minimal stand-in on this branch (H3's engine.merge_into replaces it at integration): the caller owns
+    ``folder``, typically the staging folder of :func:`mergekit_safe.io.publish.staged_output`.
+
+    Args:
+        recipe: as for :func:`merge`.
+        folder: an existing folder to write into.
+        **options: the keyword options of :func:`merge` (``overwrite`` is ignored).
+
+    Returns:
+        A :class:`MergeResult` whose ``out_dir`` is ``folder``.
+    """
+    folder = Path(folder)
+    inner = folder / ".merge"
+    options.pop("overwrite", None)
+    result = merge(recipe, inner, **options)
+    for f in inner.iterdir():
+        os.replace(f, folder / f.name)
+    inner.rmdir()
+    result.out_dir = folder
     return result
 
 
