@@ -375,8 +375,8 @@ class Trials:
             ev.costs.reused_trials += 1
 
     def run(self, coeffs: dict[str, float] | None, judge: bool | Callable[[TrialResult], bool],
-            force: bool = False, proxy: bool = True) -> TrialResult | None:
-        """One trial: ask, measure (cache first), tell. None when out of budget.
+            proxy: bool = True) -> TrialResult | None:
+        """One trial: ask, measure (cache first), tell. None when out of budget (trials or seconds).
 
         A cached point that now needs a generation run becomes a new trial at the same coefficients (its cheap
         signals come from the cache).
@@ -384,7 +384,6 @@ class Trials:
         Args:
             coeffs: the candidate (None: the sampler picks).
             judge: generate and judge it (or a predicate on its cheap result).
-            force: ignore the trial count (confirmation runs).
             proxy: measure the refusal-margin proxy too.
         """
         wants = (lambda r: judge(r) if callable(judge) else judge)
@@ -394,7 +393,7 @@ class Trials:
                 if not any(r is hit for r in self.results):  # a seeded reference point joins the results
                     self.results.append(hit)
                 return hit
-        if (self.left <= 0 and not force) or self.budget.out_of_time():
+        if self.left <= 0 or self.budget.out_of_time():
             return None
         trial, coeffs = self._ask(coeffs)
         res = self.evaluator.cheap(coeffs, proxy=proxy)

@@ -176,14 +176,15 @@ def _sampled(trials: Trials, slack: float) -> None:
         return best is None or res.unsafe_rate <= best.unsafe_rate + slack
 
     _warm_start(trials, can_win)
-    while trials.left > 0 and not trials.budget.out_of_time():
+    while trials.left > 1 and not trials.budget.out_of_time():
         trials.run(None, can_win)
-    # confirm the best proxy candidates that never got a generation run
-    if best_of(trials.results) is None:
-        pending = sorted((r for r in trials.results if ev.utility_ok(r) and not r.judged),
-                         key=lambda r: (r.unsafe_rate, r.nll))
-        for r in pending[:3]:
-            trials.run(r.coeffs, True, force=True)
+    # the last trial confirms the best proxy candidate when nothing judged is feasible yet (--trials is exact)
+    pending = sorted((r for r in trials.results if ev.utility_ok(r) and not r.judged),
+                     key=lambda r: (r.unsafe_rate, r.nll))
+    if best_of(trials.results) is None and pending:
+        trials.run(pending[0].coeffs, True)
+    else:
+        trials.run(None, can_win)
 
 
 def _warm_start(trials: Trials, can_win: Callable[[TrialResult], bool]) -> None:
@@ -252,13 +253,11 @@ def _one_coefficient(trials: Trials, low: float, high: float, increasing: bool, 
     group = trials.groups[0]
 
     def at(a: float, judge: bool = False) -> TrialResult | None:
-        # utility only (no proxy needed); a confirmation run may go one trial over --trials, so a bracketing cut
-        # short still gets judged
-        return trials.run({group: a}, judge, force=judge, proxy=False)
+        return trials.run({group: a}, judge, proxy=False)  # utility only: the bracketing needs no proxy
 
     def passes(judge: bool, unsafe: float | None = None) -> Callable[[float], bool | None]:
         def probe(a: float) -> bool | None:
-            r = trials.run({group: a}, judge, proxy=False) if unsafe is not None else at(a, judge)
+            r = at(a, judge)
             if r is None:
                 return None
             return r.feasible and (unsafe is None or r.unsafe_rate <= unsafe)
@@ -275,17 +274,18 @@ def _one_coefficient(trials: Trials, low: float, high: float, increasing: bool, 
         if last is not None:
             at(useful_end, True)  # nothing is feasible; judge the most useful point for the report
         return
-    more = (lambda: trials.left > 0)
-    good = bisect(passes(False), useful_end, safe_end, tolerance, more)
+    # the bracketing leaves one trial of --trials for the confirmation run, so a bracket cut short is still judged
+    good = bisect(passes(False), useful_end, safe_end, tolerance, lambda: trials.left > 1)
     chosen = at(good, True)
     if chosen is None:
         return
+    more = (lambda: trials.left > 0)
     if chosen.feasible and (not last.judged or last.unsafe_rate > chosen.unsafe_rate):
         bisect(passes(True, chosen.unsafe_rate), good, useful_end, climb_tolerance, more)
     elif not chosen.feasible and trials.evaluator.utility_ok(chosen):
         r_end = at(useful_end, True)
         if r_end is not None and r_end.feasible:
-            bisect(passes(True), useful_end, good, tolerance)
+            bisect(passes(True), useful_end, good, tolerance, more)
 
 
 __all__ = ["METHODS", "SearchMethod", "SearchResult", "bisect", "run_search", "search_method"]
