@@ -105,11 +105,11 @@ def test_written_checkpoint_equals_the_in_memory_candidate(organism: Any, demo_r
 
 def test_cli_repair_resumes_from_storage(organism: Any, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'repair.db'}"
-    args = _base_args(organism, tmp_path / "out") + ["--groups", "modules", "--trials", "6", "--storage", db,
+    args = _base_args(organism, tmp_path / "out") + ["--groups", "modules", "--trials", "10", "--storage", db,
                                                      "--study-name", "resume"]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
-    assert "6 trials (0 reused)" in first.output
+    assert "10 trials (0 reused)" in first.output
     report1 = json.loads((tmp_path / "out" / "repair_report.json").read_text())
     second = CliRunner().invoke(main, [*args, "--overwrite"])
     assert second.exit_code == 0, second.output
