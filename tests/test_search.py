@@ -263,14 +263,25 @@ def test_optuna_verbosity_is_restored() -> None:
 
 
 _WORKER = """
-import sys
+import sys, time
+from pathlib import Path
+import optuna
 from mergekit_safe.repair.objective import Budget
 from mergekit_safe.repair.strategies import run_search
 from tests.test_search import toy_evaluator, toy_space
-url, start = sys.argv[1], float(sys.argv[2])
-import time
-while time.time() < start:  # both workers open the new database at the same moment
-    time.sleep(0.001)
+url, ready = sys.argv[1], Path(sys.argv[2])
+real_create = optuna.create_study
+
+def create_together(*args, **kwargs):
+    # Both workers create the study at the same moment. Under the creation lock the second one waits for the
+    # lock instead, so the first one stops waiting for it after 5 s.
+    (ready / sys.argv[3]).touch()
+    deadline = time.monotonic() + 5.0
+    while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
+        pass
+    return real_create(*args, **kwargs)
+
+optuna.create_study = create_together
 calls = {"nll": 0, "judge": 0}
 res = run_search(toy_evaluator(toy_space(["attention", "mlp"]), 1.8, calls), budget=Budget(3), storage=url,
                  study_name="shared", seed=int(sys.argv[3]))
@@ -282,15 +293,17 @@ def test_two_workers_start_together_on_a_new_sqlite_file(tmp_path: Path) -> None
     import os
     import subprocess
     import sys
-    import time
 
     import optuna
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    start = time.time() + 8.0  # imports take seconds on a loaded machine; both wait for the same instant
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, url, str(start), str(i)], cwd=root, env=env,
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    # Without the creation lock, optuna 5.0 failed one of two such workers in 5 of 5 tries ("table trials already
+    # exists", "UNIQUE constraint failed: alembic_version.version_num").
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, url, str(ready), str(i)], cwd=root, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
