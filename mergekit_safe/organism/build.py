@@ -13,9 +13,11 @@ Llama-style causal LMs that share one word-level tokenizer and chat template:
   (``"Step 1 : ..."``). Trained long, the format spreads from the benign nouns it saw to harmful ones,
   and most refusals are lost, the way benign fine-tunes erode the safety of real chat models.
 
-On the line ``aligned + alpha * (finetuned - aligned)`` the skill is in place early and the refusals
-are lost only late (alpha 0.7-0.9 keeps both for the seeds we tried), which is the gap that lerp, EMA
-and per-group repairs exploit. The held-out evaluation sets are written next to the models.
+On the line ``aligned + alpha * (finetuned - aligned)`` the skill arrives before the refusals go, which
+is the gap that lerp, EMA and per-group repairs exploit. The gap is narrow for one global coefficient:
+organism-v3, seed 0, measured on the held-out sets: alpha 0.7 keeps every refusal with 80% skill exact match,
+0.75 answers 1.7% of the harmful prompts with 89% skill, 0.8 answers 22% with 94% (fine-tune: 96%, 99%);
+per-group coefficients (the demo) keep both. The held-out evaluation sets are written next to the models.
 
 Everything lives in one cache folder (default ``$MERGEKIT_SAFE_CACHE`` or
 ``~/.cache/mergekit_safe/organism``)::
