@@ -83,7 +83,7 @@ def run_ours(inputs: dict[str, Any], args: argparse.Namespace, out: Path) -> dic
     t0 = time.perf_counter()
     result = repair(cfg)
     wall = time.perf_counter() - t0
-    rep = result.report
+    rep = result.report.to_dict()
     m = rep["metrics"]["repaired"]
     return {"provider": f"ours ({args.method}, {rep['strategy']}, {args.groups})", "trials": rep["cost"]["trials"],
             "forward_runs": rep["cost"]["forward_runs"], "generation_runs": rep["cost"]["generation_runs"],
@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benign", default="builtin")
     p.add_argument("--utility", type=Path, help="utility .jsonl (prompt/response); required with --base")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (own pair; organism: 16)")
-    p.add_argument("--method", default="lerp", choices=["lerp", "dare_linear", "ties"], help="our search's method")
+    from mergekit_safe.repair.strategies import METHODS
+
+    p.add_argument("--method", default="lerp", choices=[m.name for m in METHODS.values() if not m.needs_unaligned],
+                   help="our search's method")
     p.add_argument("--groups", default="global", help="our search's groups (global: one coefficient, bracketing)")
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--grid", type=int, default=11, help="grid points of the naive baseline")

@@ -17,12 +17,14 @@ import yaml
 from mergekit_safe import __version__
 from mergekit_safe.errors import MergeKitSafeError, RecipeError
 from mergekit_safe.eval.command import eval_command
+from mergekit_safe.eval.judges import JUDGES
 from mergekit_safe.merge.methods import METHODS
 from mergekit_safe.merge.recipe import ModelSpec, Recipe, capped, load_recipe
 from mergekit_safe.io.dtypes import OUTPUT_DTYPE_NAMES
 from mergekit_safe.io.writer import parse_size
 from mergekit_safe.kernels import BACKENDS, resolve_device, use_backend
 from mergekit_safe.kernels.runtime import BACKEND_ENV, DEVICE_ENV, DEVICE_HELP
+from mergekit_safe.repair.strategies import METHODS as REPAIR_METHODS
 
 
 class _Group(click.Group):
@@ -245,7 +247,7 @@ def validate(recipe: Path, allow_pickle: bool) -> None:
 @click.option("--sv-threshold", type=float, help="Per module, keep singular values >= this fraction of the largest.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Adapter dtype [default: the model's].")
-@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu or cuda.")
+@click.option("--device", default="auto", envvar=DEVICE_ENV, show_envvar=True, help=DEVICE_HELP)
 @click.option("--randomized/--full-svd", default=None,
               help="With --rank: seeded randomized SVD (fast) or the full SVD [default: randomized on cuda].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
@@ -266,7 +268,8 @@ def extract_lora(base: Path, model: Path, output: Path, rank: int | None, energy
     if rank is None and energy is None and sv_threshold is None:
         rank = 32
     rule = RankRule(rank=rank, energy=energy, sv_threshold=sv_threshold)
-    result = run_extract(base, model, output, rule, dtype=DTYPES[dtype] if dtype else None, device=device,
+    result = run_extract(base, model, output, rule, dtype=DTYPES[dtype] if dtype else None,
+                         device=str(resolve_device(device)),
                          overwrite=overwrite, randomized=randomized, seed=seed)
     ranks = [m.rank for m in result.modules]
     click.echo(f"wrote {result.out_dir}: {len(ranks)} LoRA modules (rank {min(ranks, default=0)}.."
@@ -291,8 +294,9 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
               help="Benign prompts (over-refusal): builtin or a file.")
 @click.option("--utility", type=click.Path(path_type=Path),
               help="Utility rows, .jsonl with prompt/response [default: the fine-tune's own answers to --benign].")
-@click.option("--method", type=click.Choice(["lerp", "dare_linear", "ties", "safety_vector"]), default="lerp",
-              show_default=True, help="How a coefficient moves the model: base + a * tau.")
+@click.option("--method", type=click.Choice(list(REPAIR_METHODS)), default="lerp", show_default=True,
+              help="How a coefficient moves the model: " + "; ".join(f"{m.name}: {m.help}"
+                                                                   for m in REPAIR_METHODS.values()) + ".")
 @click.option("--groups", default="global", show_default=True,
               help="One coefficient per group: global, layers:K (K layer bands), modules, or layers:K,modules "
                    "(cross product).")
@@ -308,9 +312,16 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
 @click.option("--pareto", is_flag=True, help="Search the unsafe-rate / utility front (NSGA-II).")
 @click.option("--storage", help=_STORAGE_HELP)
 @click.option("--study-name", help="Study name in --storage [default: derived from the inputs and settings].")
-@click.option("--judge", default="keyword", show_default=True, help="Judge of unsafe responses.")
+@click.option("--judge", type=click.Choice(list(JUDGES)), default="keyword", show_default=True,
+              help="Judge of unsafe responses: " + "; ".join(f"{j.name}: {j.description}" for j in JUDGES.values())
+              + ".")
+@click.option("--judge-model", type=click.Path(file_okay=False, path_type=Path),
+              help="Local sequence-classification model folder for --judge classifier.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Generation budget per prompt.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward batch.")
+@click.option("--device", default="auto", envvar=DEVICE_ENV, show_envvar=True,
+              help="Where the model runs and the final merge computes. "
+              + DEVICE_HELP)
 @click.option("--refusal-opening", "refusal_openings", multiple=True,
               help="Opening of a refusal for the cheap proxy (repeatable) [default: the eval defaults].")
 @click.option("--compliance-opening", "compliance_openings", multiple=True,
@@ -344,11 +355,11 @@ def repair(output: Path, no_progress: bool, refusal_openings: tuple[str, ...], c
     _print_repair(result.report, metrics_table, result.output, result.report_path, result.plot_path)
 
 
-def _print_repair(report: dict[str, Any], table: Any, out: Path, report_path: Path, plot_path: Path) -> None:
-    cost = report["cost"]
-    click.echo(table(report["metrics"]))
-    coeffs = ", ".join(f"{g}={v:.3f}" for g, v in report["chosen"]["coeffs"].items())
-    click.echo(f"\nchosen ({report['strategy']}): {coeffs}")
+def _print_repair(report: Any, table: Any, out: Path, report_path: Path, plot_path: Path) -> None:
+    cost = report.cost
+    click.echo(table(report.metrics))
+    coeffs = ", ".join(f"{g}={v:.3f}" for g, v in report.chosen["coeffs"].items())
+    click.echo(f"\nchosen ({report.strategy}): {coeffs}")
     click.echo(f"cost: {cost['trials']} trials ({cost['reused_trials']} reused), {cost['forward_runs']} forward-only "
                f"runs, {cost['generation_runs']} generation runs, {cost['wall_seconds']:.1f} s")
     click.echo(f"repaired model: {out}\nreport: {report_path}\nplot: {plot_path}")
@@ -361,7 +372,10 @@ def _print_repair(report: dict[str, Any], table: Any, out: Path, report_path: Pa
 @click.option("--trials", type=click.IntRange(min=1), default=60, show_default=True, help="Search trials.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Organism cache [default: $MERGEKIT_SAFE_CACHE or "
               "~/.cache/mergekit_safe/organism].")
-def demo(output: Path, seed: int, trials: int, cache: Path | None) -> None:
+@click.option("--device", default="auto", envvar=DEVICE_ENV, show_envvar=True,
+              help="Where the repair runs; the organism builds on the CPU. "
+              + DEVICE_HELP)
+def demo(output: Path, seed: int, trials: int, cache: Path | None, device: str) -> None:
     """The whole repair on the built-in model organism (no download, a few minutes on 2 CPU cores).
 
     Builds (or reuses) a tiny aligned model and a benign fine-tune that lost its refusals, measures both, runs
@@ -369,20 +383,23 @@ def demo(output: Path, seed: int, trials: int, cache: Path | None) -> None:
     """
     import torch
 
-    from mergekit_safe.organism.build import build_organism, default_cache_dir
+    from mergekit_safe.organism.build import build_organism, default_cache_dir, is_built
     from mergekit_safe.repair.command import RepairConfig, metrics_table
     from mergekit_safe.repair.command import repair as run_repair
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     root = cache or default_cache_dir()
-    click.echo(f"building the model organism in {root} (cached after the first run) ...")
-    org = build_organism(root, seed=seed)
+    if is_built(root, seed):
+        click.echo(f"using the cached model organism at {root}")
+    else:
+        click.echo(f"building the model organism in {root} (a few minutes; cached for the next run) ...")
+    org = build_organism(root, seed=seed, progress=True)
     click.echo("measuring aligned and fine-tune, then searching the repair ...")
     cfg = RepairConfig(org.aligned, org.finetuned, output / "repaired", harmful=str(org.harmful),
                        benign=str(org.benign), utility=org.skill, groups="layers:2,modules", trials=trials,
                        seed=seed, max_new_tokens=16, batch_size=64, exact_match=True, overwrite=True,
-                       refusal_openings=("I'm sorry",), compliance_openings=("Sure", "Step"))
-    result = run_repair(cfg, progress=False)
+                       refusal_openings=("I'm sorry",), compliance_openings=("Sure", "Step"), device=device)
+    result = run_repair(cfg, progress=True)
     click.echo("")
     _print_repair(result.report, metrics_table, result.output, result.report_path, result.plot_path)
 

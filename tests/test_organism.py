@@ -1,14 +1,14 @@
 """Tests for the model organism: the build, its cache and the properties the repair tests rely on.
 
-The organism is built once per session (about a minute on one CPU core; MERGEKIT_SAFE_TEST_ORGANISM
-reuses a built one); the determinism test builds it a second time. Every measurement is greedy generation plus the keyword judge on held-out prompts.
+The organism is built once per session (a few minutes on one CPU core; MERGEKIT_SAFE_TEST_ORGANISM
+reuses a built one); the determinism test builds it a second time. Every measurement is greedy generation plus
+eval's keyword judge on held-out prompts.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,9 +99,9 @@ def test_layout_and_loading(organism: Organism) -> None:
 
 
 def test_data_files_are_held_out(organism: Organism) -> None:
-    harmful = org_mod._read_jsonl(organism.harmful)
-    benign = org_mod._read_jsonl(organism.benign)
-    skill = org_mod._read_jsonl(organism.skill)
+    harmful = org_mod.read_rows(organism.harmful)
+    benign = org_mod.read_rows(organism.benign)
+    skill = org_mod.read_rows(organism.skill)
     assert len(harmful) >= 100 and len(benign) >= 100 and len(skill) >= 100
     assert {r["category"] for r in harmful} == set(org_mod.HARMFUL_NOUNS)
     assert all(r["prompt"] and r["response"] for r in skill)
@@ -111,11 +111,49 @@ def test_data_files_are_held_out(organism: Organism) -> None:
         assert not trained & {r["prompt"] for r in rows}
 
 
-def test_second_call_uses_cache(organism: Organism) -> None:
-    start = time.perf_counter()
+def test_second_call_uses_cache(organism: Organism, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(*args: object, **kwargs: object) -> float:
+        raise AssertionError("a cached organism was trained again")
+
+    stamp = (organism.aligned / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(org_mod, "_train", no_training)
+    assert org_mod.is_built(organism.root, seed=0)
     again = build_organism(organism.root, seed=0)
-    assert time.perf_counter() - start < 1.0
     assert again == organism
+    assert (organism.aligned / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not org_mod.is_built(organism.root, seed=1)
+
+
+def test_own_initialisation_ignores_the_global_rng() -> None:
+    tokenizer = org_mod._build_tokenizer()
+    torch.manual_seed(1)
+    a = org_mod._build_model(tokenizer, seed=0).state_dict()
+    torch.manual_seed(2)
+    torch.rand(1000)  # consume the global stream differently, as another transformers release may
+    b = org_mod._build_model(tokenizer, seed=0).state_dict()
+    c = org_mod._build_model(tokenizer, seed=1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+    std = org_mod._build_model(tokenizer, seed=0).config.initializer_range
+    w = a["model.layers.0.mlp.up_proj.weight"].double()
+    assert abs(w.std().item() - std) < 0.05 * std  # 16k draws: the sample std is within 1% of the target
+    assert torch.count_nonzero(a["model.embed_tokens.weight"][tokenizer.pad_token_id]) == 0
+    assert torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"]))
+
+
+def test_build_shows_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, shown in ((Tty(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        bar = org_mod._progress_bar(10, enabled=True)
+        bar.update(3)
+        bar.close()
+        assert ("organism:" in stream.getvalue() and "/10" in stream.getvalue()) is shown, stream.getvalue()
 
 
 def test_same_seed_builds_identical_weights(organism: Organism, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The coefficient search on synthetic objectives: groups, in-place candidates, bracketing, TPE, NSGA-II, resume."""
+"""The coefficient search on synthetic objectives: groups, in-place candidates, bracketing, TPE, NSGA-II, resume,
+the method registry, concurrent workers on one sqlite file."""
 
 from __future__ import annotations
 
@@ -10,18 +11,10 @@ import torch
 
 from mergekit_safe.errors import SearchError
 from mergekit_safe.eval.report import Rate
-from mergekit_safe.repair.search import (
-    Budget,
-    CandidateSpace,
-    Evaluator,
-    GroupSpec,
-    build_space,
-    check_groups,
-    group_of,
-    pareto_front,
-    parse_groups,
-    run_search,
-)
+from mergekit_safe.repair.groups import GroupSpec, check_groups, coefficient_rules, group_of, parse_groups
+from mergekit_safe.repair.objective import Budget, Evaluator, check_storage, open_study, pareto_front, quiet_optuna
+from mergekit_safe.repair.space import CandidateSpace, build_space
+from mergekit_safe.repair.strategies import METHODS, bisect, run_search, search_method
 from tests.helpers import assert_close
 
 N_PROMPTS = 40
@@ -159,7 +152,8 @@ def test_pareto_mode_returns_a_front() -> None:
     calls = {"nll": 0, "judge": 0}
     space = toy_space(["attention", "mlp"])
     res = run_search(toy_evaluator(space, nll_max=2.5, calls=calls), budget=Budget(24), pareto=True, seed=1)
-    assert res.strategy == "nsga2" and res.front
+    assert res.strategy == "nsga2"
+    assert len(res.front) > 1, res.front  # the toy trades unsafe rate for NLL: the front is a curve, not a point
     judged = {t.number: t for t in res.trials if t.judged}
     pts = [(judged[n].unsafe_rate, judged[n].nll) for n in res.front]
     assert pts == sorted(pts)
@@ -196,3 +190,124 @@ def test_storage_errors_are_one_line(tmp_path: Path) -> None:
     calls = {"nll": 0, "judge": 0}
     with pytest.raises(SearchError, match=r"^--storage nosuch://x: cannot open the study database"):
         run_search(toy_evaluator(toy_space(["mlp"]), 1.8, calls), budget=Budget(3), storage="nosuch://x")
+
+
+def test_bad_storage_url_is_rejected_cheaply(tmp_path: Path) -> None:
+    check_storage(None)
+    check_storage(f"sqlite:///{tmp_path / 'ok.db'}")
+    with pytest.raises(SearchError, match=r"^--storage repair.db: not a database URL; use e.g. sqlite:///repair.db$"):
+        check_storage("repair.db")
+    with pytest.raises(SearchError, match="does not exist"):
+        check_storage(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_bisect_is_the_one_bisection() -> None:
+    probes: list[float] = []
+
+    def probe(a: float) -> bool:
+        probes.append(a)
+        return a >= 0.3  # passing side above 0.3: good=1, bad=0
+
+    got = bisect(probe, 1.0, 0.0, 1 / 64)
+    assert 0.3 <= got <= 0.3 + 1 / 64 and len(probes) == 6  # log2(64) halvings
+    assert bisect(lambda a: a <= 0.7, 0.0, 1.0, 1 / 64) == pytest.approx(0.6875)
+    assert bisect(lambda a: None, 0.0, 1.0, 1 / 64) == 0.0  # out of budget: the known good end
+    assert bisect(probe, 1.0, 0.0, 1 / 64, more=lambda: False) == 1.0
+
+
+def test_method_registry_drives_the_cli_and_rejects_unknown() -> None:
+    from mergekit_safe.cli import repair
+
+    choices = next(p for p in repair.params if p.name == "method").type.choices
+    assert list(choices) == list(METHODS)
+    assert search_method("safety_vector").increasing is False and METHODS["lerp"].coefficient == "alpha"
+    with pytest.raises(SearchError, match=r"^--method 'slerp': the repair search supports lerp, dare_linear"):
+        search_method("slerp")
+
+
+def test_coefficient_rules_invert_group_of() -> None:
+    from mergekit_safe.merge.recipe import ModelSpec, Recipe
+
+    names = [f"model.layers.{i}.{m}" for i in range(4) for m in ("mlp.up_proj.weight", "self_attn.q_proj.weight")]
+    names += ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    for spec in (GroupSpec(), GroupSpec(0, True), GroupSpec(2, False), GroupSpec(2, True)):
+        assignment = {n: group_of(n, spec, 4) for n in names}
+        coeffs = {g: 0.1 * (i + 1) for i, g in enumerate(dict.fromkeys(assignment.values()))}
+        recipe = Recipe("lerp", [ModelSpec("ft")], base_model="base",
+                        parameters={"alpha": coefficient_rules(assignment, spec, coeffs)})
+        for n in names:
+            assert recipe.resolve(n, 4)["alpha"] == coeffs[assignment[n]], (spec, n)
+
+
+@pytest.mark.parametrize("groups", [["mlp"], ["attention", "mlp"]])
+def test_trials_budget_is_exact(groups: list[str]) -> None:
+    calls = {"nll": 0, "judge": 0}
+    res = run_search(toy_evaluator(toy_space(groups), 1.8, calls), budget=Budget(4), seed=0, tolerance=1 / 128)
+    assert res.costs.trials == 4 and len([t for t in res.trials if t.number >= 0]) == 4
+    assert res.best is not None and res.best.judged  # the last trial of a short budget confirms a candidate
+
+
+def test_optuna_verbosity_is_restored() -> None:
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    try:
+        with quiet_optuna():
+            assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+        open_study(None, "v", pareto=False, seed=0)
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+_WORKER = """
+import sys, time
+from pathlib import Path
+import optuna
+from mergekit_safe.repair.objective import Budget
+from mergekit_safe.repair.strategies import run_search
+from tests.test_search import toy_evaluator, toy_space
+url, ready = sys.argv[1], Path(sys.argv[2])
+real_create = optuna.create_study
+
+def create_together(*args, **kwargs):
+    # Both workers create the study at the same moment. Under the creation lock the second one waits for the
+    # lock instead, so the first one stops waiting for it after 5 s.
+    (ready / sys.argv[3]).touch()
+    deadline = time.monotonic() + 5.0
+    while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
+        pass
+    return real_create(*args, **kwargs)
+
+optuna.create_study = create_together
+calls = {"nll": 0, "judge": 0}
+res = run_search(toy_evaluator(toy_space(["attention", "mlp"]), 1.8, calls), budget=Budget(3), storage=url,
+                 study_name="shared", seed=int(sys.argv[3]))
+print(res.costs.trials)
+"""
+
+
+def test_two_workers_start_together_on_a_new_sqlite_file(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    # Without the creation lock, optuna 5.0 failed one of two such workers in 5 of 5 tries ("table trials already
+    # exists", "UNIQUE constraint failed: alembic_version.version_num").
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, url, str(ready), str(i)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.split() == ["3"]
+    study = optuna.load_study(study_name="shared", storage=url)
+    assert len(study.trials) >= 6

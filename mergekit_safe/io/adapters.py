@@ -191,6 +191,27 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return cfg
 
 
+def adapter_key_target(key: str) -> tuple[str, str | None]:
+    """The base tensor that a tensor of an adapter file changes, and how.
+
+    Args:
+        key: a tensor name in ``adapter_model.safetensors`` (with or without PEFT's ``base_model.model.`` prefix).
+
+    Returns:
+        ``(base tensor name, kind)``: kind is ``lora_A``, ``lora_B``, ``lora_embedding_A`` or
+        ``lora_embedding_B``, or None for a saved full module (``modules_to_save``) that replaces the tensor.
+
+    Example:
+        >>> adapter_key_target("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        ('model.layers.0.self_attn.q_proj.weight', 'lora_B')
+    """
+    name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    m = _LORA_RE.match(name) or _LORA_RE_EMB.match(name)
+    if m:
+        return m.group("module") + ".weight", m.group("kind")
+    return name.replace(".modules_to_save.default", ""), None
+
+
 def open_input(
     path: str | Path, *, base: str | Path | None = None, allow_pickle: bool = False
 ) -> TensorSource:

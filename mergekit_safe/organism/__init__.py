@@ -2,6 +2,6 @@
 it) used by the demo and the tests. May import ``eval``, ``io``, ``training`` and ``errors``; never ``repair``,
 ``merge`` or the CLI."""
 
-from mergekit_safe.organism.build import Organism, build_organism, default_cache_dir
+from mergekit_safe.organism.build import Organism, OrganismError, build_organism, default_cache_dir, is_built
 
-__all__ = ["Organism", "build_organism", "default_cache_dir"]
+__all__ = ["Organism", "OrganismError", "build_organism", "default_cache_dir", "is_built"]
