@@ -148,14 +148,14 @@ def test_cli_keyword_and_guard(tiny_model_dir, tmp_path):
 
     from click.testing import CliRunner
 
-    from mergekit_safe.eval.command import eval_command
+    from mergekit_safe.cli import main
     from mergekit_safe.eval.judges import is_refusal_keyword
     from mergekit_safe.eval.report import Rate
 
     tok = guard_tokenizer(LLAMA_GUARD_TEMPLATE)
     guard_dir = save(bigram_guard(tok, _last_token(tok, "llama_guard"), "unsafe\nS1"), tok, tmp_path / "g")
     out, gens = tmp_path / "r.json", tmp_path / "g.jsonl"
-    res = CliRunner().invoke(eval_command, [
+    res = CliRunner().invoke(main, ["eval",
         str(tiny_model_dir), "--limit", "4", "--benign", "none", "--max-new-tokens", "4", "--no-proxy",
         "--judge", "keyword,guard", "--judge-model", str(guard_dir), "--guard-format", "llama_guard",
         "--device", "cpu", "-o", str(out), "--save-generations", str(gens)])
@@ -174,7 +174,7 @@ def test_cli_served_llama_guard(tiny_model_dir, tmp_path):
 
     from click.testing import CliRunner
 
-    from mergekit_safe.eval.command import eval_command
+    from mergekit_safe.cli import main
 
     from .chat_server import ChatServer
 
@@ -182,7 +182,7 @@ def test_cli_served_llama_guard(tiny_model_dir, tmp_path):
     guard = bigram_guard(tok, _last_token(tok, "llama_guard"), "unsafe\nS1")
     out = tmp_path / "r.json"
     with ChatServer(guard, tok, name="llama-guard") as server:
-        res = CliRunner().invoke(eval_command, [
+        res = CliRunner().invoke(main, ["eval",
             str(tiny_model_dir), "--limit", "3", "--benign", "none", "--max-new-tokens", "4", "--no-proxy",
             "--judge", "guard", "--judge-base-url", server.url, "--judge-model", "llama-guard", "--device", "cpu",
             "--cache-dir", str(tmp_path / "cache"), "-o", str(out)])
