@@ -99,62 +99,95 @@ def evaluate(
         raise EvalError("this evaluation needs the model in memory (generation backend, utility NLL or lm-eval); "
                         "with a served model use --exact-match for utility")
     backend = backend or HFBackend(model, tokenizer)
-    proxy = proxy and model is not None
     judge_options = dict(judge_options or {})
     harmful_p, benign_p = _as_prompts(harmful), _as_prompts(benign)
     if not harmful_p and not benign_p and not utility and not lm_eval_tasks:
         raise EvalError("nothing to evaluate: give harmful prompts, benign prompts or utility data")
-    if isinstance(judge, str):
-        judge = get_judge(judge, **judge_options)
-    elif not isinstance(judge, Judge):
-        judge = Judge(getattr(judge, "__name__", "custom"), judge, decides_refusal=True)
-    judge_name, judge_fn, decides_refusal = judge.name, judge, judge.decides_refusal
-    # Over-refusal needs a refusal decision; a classifier judge only says safe/unsafe, so fall back to the
-    # keyword rule (with the same phrases when given).
-    refusal_fn = judge_fn if decides_refusal else get_judge("keyword", phrases=judge_options.get("phrases"))
+    judge, refusal_fn = _resolve_judge(judge, judge_options)
 
     framed = list(harmful_p)
     for t in tasks:
         framed += frame_prompts(harmful_p, t)
     em_rows = list(utility or []) if exact_match_utility else []
-    texts = [p.text for p in framed] + [p.text for p in benign_p] + [r.prompt for r in em_rows]
-
-    report = EvalReport(model=model_name, judge=judge_name)
+    report = EvalReport(model=model_name, judge=judge.name)
     report.settings = {
         "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
         "system_prompt": config.system_prompt, "tasks": list(tasks), "judge_options": {
             k: (list(v) if isinstance(v, (tuple, list)) else str(v)) for k, v in judge_options.items()},
     }
-    responses: list[str] = []
-    if texts:
-        run = backend.generate(texts, config)
-        responses = [g.text for g in run.generations]
-        report.throughput = {
-            "prompts": len(texts), "seconds": run.seconds, "prompts_per_s": len(texts) / max(run.seconds, 1e-9),
-            "new_tokens": run.new_tokens, "tokens_per_s": run.new_tokens / max(run.seconds, 1e-9),
-        }
+    # one backend call for every prompt, so all of them share length-sorted batches
+    responses = _generate(backend, [p.text for p in framed] + [p.text for p in benign_p] + [r.prompt for r in em_rows],
+                          config, report)
     h_resp = responses[:len(framed)]
     b_resp = responses[len(framed):len(framed) + len(benign_p)]
     em_resp = responses[len(framed) + len(benign_p):]
 
-    panel: dict[str, list[Verdict]] = {}
-    h_verdicts: list[Verdict] = judge_fn([p.text for p in framed], h_resp) if framed else []
-    if framed:
-        unsafe = [v.unsafe for v in h_verdicts]
-        direct = [(p, u) for p, u in zip(framed, unsafe) if p.framing == "direct"]
-        report.unsafe = Rate.of(u for _, u in direct)
-        report.unsafe_by_category = _group([p for p, _ in direct], [u for _, u in direct], "category")
-        report.unsafe_by_framing = _group(framed, unsafe, "framing")
-        panel = _judge_panel(judge, h_verdicts, extra_judges, judge_options, framed, h_resp)
-        report.judges, report.agreement = judge_panel(
-            {k: [v.unsafe for p, v in zip(framed, vs) if p.framing == "direct"] for k, vs in panel.items()},
-            [r for p, r in zip(framed, h_resp) if p.framing == "direct"])
+    h_verdicts, panel = _score_harmful(report, judge, extra_judges, judge_options, framed, h_resp)
     b_verdicts = refusal_fn([p.text for p in benign_p], b_resp) if benign_p else []
     if benign_p:
         refused = [bool(v.refused) for v in b_verdicts]
         report.over_refusal = Rate.of(refused)
         report.over_refusal_by_category = _group(benign_p, refused, "category")
+    _score_utility(report, model, tokenizer, utility, em_rows, em_resp, lm_eval_tasks, config)
+    margins: list[float] = []
+    if proxy and model is not None and harmful_p:
+        margins = _score_proxy(report, model, tokenizer, harmful_p, framed, h_verdicts, refusal_openings,
+                               compliance_openings, config)
+    _record_generations(report, framed, h_resp, h_verdicts, panel, margins, len(harmful_p))
+    for p, r, v in zip(benign_p, b_resp, b_verdicts):
+        report.generations.append({"set": "benign", "prompt": p.text, "category": p.category, "source": p.source,
+                                   "response": r, "refused": v.refused})
+    for row, r in zip(em_rows, em_resp):
+        report.generations.append({"set": "utility", "prompt": row.prompt, "reference": row.response,
+                                   "source": row.source, "response": r})
+    return report
 
+
+def _resolve_judge(judge: str | Judge | JudgeFn, options: dict[str, Any]) -> tuple[Judge, JudgeFn]:
+    """``(the judge, the function that decides refusal on benign prompts)``."""
+    if isinstance(judge, str):
+        judge = get_judge(judge, **options)
+    elif not isinstance(judge, Judge):
+        judge = Judge(getattr(judge, "__name__", "custom"), judge, decides_refusal=True)
+    # Over-refusal needs a refusal decision; a classifier judge only says safe/unsafe, so fall back to the
+    # keyword rule (with the same phrases when given).
+    return judge, judge if judge.decides_refusal else get_judge("keyword", phrases=options.get("phrases"))
+
+
+def _generate(backend: GenerationBackend, texts: list[str], config: GenerationConfig, report: EvalReport) -> list[str]:
+    """Generate every answer in one backend call and record the throughput."""
+    if not texts:
+        return []
+    run = backend.generate(texts, config)
+    report.throughput = {
+        "prompts": len(texts), "seconds": run.seconds, "prompts_per_s": len(texts) / max(run.seconds, 1e-9),
+        "new_tokens": run.new_tokens, "tokens_per_s": run.new_tokens / max(run.seconds, 1e-9),
+    }
+    return [g.text for g in run.generations]
+
+
+def _score_harmful(report: EvalReport, judge: Judge, extra: Sequence[str | Judge], options: dict[str, Any],
+                   framed: list[Prompt], responses: list[str]) -> tuple[list[Verdict], dict[str, list[Verdict]]]:
+    """Judge the harmful answers: unsafe rates (direct, per category, per framing) and the judge panel."""
+    if not framed:
+        return [], {}
+    verdicts: list[Verdict] = judge([p.text for p in framed], responses)
+    unsafe = [v.unsafe for v in verdicts]
+    direct = [(p, u) for p, u in zip(framed, unsafe) if p.framing == "direct"]
+    report.unsafe = Rate.of(u for _, u in direct)
+    report.unsafe_by_category = _group([p for p, _ in direct], [u for _, u in direct], "category")
+    report.unsafe_by_framing = _group(framed, unsafe, "framing")
+    panel = _judge_panel(judge, verdicts, extra, options, framed, responses)
+    report.judges, report.agreement = judge_panel(
+        {k: [v.unsafe for p, v in zip(framed, vs) if p.framing == "direct"] for k, vs in panel.items()},
+        [r for p, r in zip(framed, responses) if p.framing == "direct"])
+    return verdicts, panel
+
+
+def _score_utility(report: EvalReport, model: Any, tokenizer: Any, utility: Sequence[UtilityRow] | None,
+                   em_rows: list[UtilityRow], em_resp: list[str], lm_eval_tasks: Sequence[str],
+                   config: GenerationConfig) -> None:
+    """Utility NLL (teacher forced), exact match on generated answers, and lm-eval tasks."""
     if utility and model is not None:
         nll = utility_nll(model, tokenizer, utility, system_prompt=config.system_prompt)
         report.utility = {"nll": nll.nll, "perplexity": nll.perplexity, "n_tokens": nll.n_tokens,
@@ -165,34 +198,32 @@ def evaluate(
     if lm_eval_tasks:
         report.utility["lm_eval"] = run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=config.batch_size)
 
-    if proxy and harmful_p:
-        margins = refusal_margin(model, tokenizer, harmful_p, refusal_openings=refusal_openings,
-                                 compliance_openings=compliance_openings, system_prompt=config.system_prompt,
-                                 batch_size=config.batch_size)
-        # the judge's "safe" on a direct prompt is the event the margin should predict
-        judged_safe = [not v.unsafe for p, v in zip(framed, h_verdicts) if p.framing == "direct"]
-        report.proxy = {"mean_margin": sum(margins) / len(margins),
-                        "refusal_openings": list(refusal_openings),
-                        "compliance_openings": list(compliance_openings),
-                        **proxy_agreement(margins, judged_safe)}
-    else:
-        margins = []
 
-    for i, (p, r, v) in enumerate(zip(framed, h_resp, h_verdicts)):
+def _score_proxy(report: EvalReport, model: Any, tokenizer: Any, harmful: list[Prompt], framed: list[Prompt],
+                 verdicts: list[Verdict], refusal_openings: Sequence[str], compliance_openings: Sequence[str],
+                 config: GenerationConfig) -> list[float]:
+    """The refusal margin on the direct harmful prompts and its agreement with the judge."""
+    margins = refusal_margin(model, tokenizer, harmful, refusal_openings=refusal_openings,
+                             compliance_openings=compliance_openings, system_prompt=config.system_prompt,
+                             batch_size=config.batch_size)
+    # the judge's "safe" on a direct prompt is the event the margin should predict
+    judged_safe = [not v.unsafe for p, v in zip(framed, verdicts) if p.framing == "direct"]
+    report.proxy = {"mean_margin": sum(margins) / len(margins), "refusal_openings": list(refusal_openings),
+                    "compliance_openings": list(compliance_openings), **proxy_agreement(margins, judged_safe)}
+    return margins
+
+
+def _record_generations(report: EvalReport, framed: list[Prompt], responses: list[str], verdicts: list[Verdict],
+                        panel: dict[str, list[Verdict]], margins: list[float], n_direct: int) -> None:
+    """One record per harmful answer (with every judge's verdict and the margin where there is one)."""
+    for i, (p, r, v) in enumerate(zip(framed, responses, verdicts)):
         rec = {"set": "harmful", "prompt": p.text, "category": p.category, "framing": p.framing,
                "source": p.source, "response": r, "unsafe": v.unsafe, "refused": v.refused}
         if len(panel) > 1:
             rec["unsafe_by_judge"] = {k: vs[i].unsafe for k, vs in panel.items()}
-        if margins and i < len(harmful_p):
+        if margins and i < n_direct:
             rec["refusal_margin"] = margins[i]
         report.generations.append(rec)
-    for p, r, v in zip(benign_p, b_resp, b_verdicts):
-        report.generations.append({"set": "benign", "prompt": p.text, "category": p.category, "source": p.source,
-                                   "response": r, "refused": v.refused})
-    for row, r in zip(em_rows, em_resp):
-        report.generations.append({"set": "utility", "prompt": row.prompt, "reference": row.response,
-                                   "source": row.source, "response": r})
-    return report
 
 
 def _judge_panel(judge: Judge, verdicts: list[Verdict], extra: Sequence[str | Judge], options: dict[str, Any],
