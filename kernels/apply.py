@@ -96,35 +96,14 @@ def _foreach_weighted_sum_kernel(
         _foreach_tile(row, crow, offs, offs < n, K, OUT_DTYPE, FIRST_DTYPE, REST_DTYPE, ALIGNED, True)
 
 
-def foreach_weighted_sum_(
-    outs: Sequence[torch.Tensor],
-    inputs: Sequence[Sequence[torch.Tensor]],
-    coeffs: Sequence[Sequence[float]],
-    *,
-    block_size: int | None = None,
-) -> int:
-    """In place ``outs[j] = sum_k coeffs[j][k] * inputs[j][k]`` for every j, one launch per dtype group.
-
-    Args:
-        outs: contiguous output tensors (fp32, bf16, fp16); ``outs[j]`` may be one of ``inputs[j]``.
-        inputs: per output, K_j >= 1 tensors of its shape on its device (non-contiguous ones are copied).
-        coeffs: per output, K_j Python floats.
-        block_size: force the block size (a power of two); ``None`` picks it from the largest tensor.
+def _foreach_groups(
+    outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
+) -> tuple[dict[tuple, list[tuple[torch.Tensor, list[torch.Tensor], list[float]]]], torch.device | None]:
+    """Check :func:`foreach_weighted_sum_`'s arguments and group the non-empty outputs by launch signature.
 
     Returns:
-        The number of kernel launches (1 when all tensors share K and dtypes; 0 when all are empty).
-
-    Raises:
-        KernelError: mismatched lengths, shapes, devices, dtypes, or a non-contiguous output.
-
-    Example:
-        >>> foreach_weighted_sum_(ema, [[e, p] for e, p in zip(ema, params)], [[b, 1 - b]] * len(ema))  # doctest: +SKIP
+        ``(groups, device)``: members per ``(K, out dtype, first dtype, rest dtype, aligned)`` key.
     """
-    if not (len(outs) == len(inputs) == len(coeffs)):
-        raise KernelError(
-            f"foreach_weighted_sum_: needs one input list and one coefficient list per output, got {len(outs)} "
-            f"outputs, {len(inputs)} input lists and {len(coeffs)} coefficient lists"
-        )
     groups: dict[tuple, list[tuple[torch.Tensor, list[torch.Tensor], list[float]]]] = {}
     device = None
     for j, (out, ins, cs) in enumerate(zip(outs, inputs, coeffs)):
@@ -156,6 +135,39 @@ def foreach_weighted_sum_(
         key = (len(xs), out.dtype, xs[0].dtype, rest_dtype, aligned16([out, *xs]))
         groups.setdefault(key, []).append((out, xs, [float(c) for c in cs]))
 
+    return groups, device
+
+
+def foreach_weighted_sum_(
+    outs: Sequence[torch.Tensor],
+    inputs: Sequence[Sequence[torch.Tensor]],
+    coeffs: Sequence[Sequence[float]],
+    *,
+    block_size: int | None = None,
+) -> int:
+    """In place ``outs[j] = sum_k coeffs[j][k] * inputs[j][k]`` for every j, one launch per dtype group.
+
+    Args:
+        outs: contiguous output tensors (fp32, bf16, fp16); ``outs[j]`` may be one of ``inputs[j]``.
+        inputs: per output, K_j >= 1 tensors of its shape on its device (non-contiguous ones are copied).
+        coeffs: per output, K_j Python floats.
+        block_size: force the block size (a power of two); ``None`` picks it from the largest tensor.
+
+    Returns:
+        The number of kernel launches (1 when all tensors share K and dtypes; 0 when all are empty).
+
+    Raises:
+        KernelError: mismatched lengths, shapes, devices, dtypes, or a non-contiguous output.
+
+    Example:
+        >>> foreach_weighted_sum_(ema, [[e, p] for e, p in zip(ema, params)], [[b, 1 - b]] * len(ema))  # doctest: +SKIP
+    """
+    if not (len(outs) == len(inputs) == len(coeffs)):
+        raise KernelError(
+            f"foreach_weighted_sum_: needs one input list and one coefficient list per output, got {len(outs)} "
+            f"outputs, {len(inputs)} input lists and {len(coeffs)} coefficient lists"
+        )
+    groups, device = _foreach_groups(outs, inputs, coeffs)
     for (k, out_dtype, first_dtype, rest_dtype, aligned), members in groups.items():
         cfg = launch_config(max(o.numel() for o, _, _ in members), "foreach_weighted_sum_", block_size)
         ptrs: list[int] = []
