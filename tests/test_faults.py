@@ -236,7 +236,7 @@ REPAIR_PRELOAD = ["transformers.models.llama.modeling_llama", "transformers.toke
 
 def write_repair_inputs(folder: Path) -> dict[str, Path]:
     """A toy aligned Llama and a fine-tune of it (weights moved by seeded noise), both with their tokenizer, and
-    two harmful and two benign prompts: a repair on them takes about a second once the imports are done."""
+    two harmful and two benign prompts: a repair on them takes a second or two once the imports are done."""
     from mergekit_safe.tiny import toy_llama, toy_tokenizer
 
     tok = toy_tokenizer(["I'm sorry, I cannot help with that.", "Sure, here is how you do it.", "Step one."],
@@ -306,6 +306,6 @@ def test_repair_killed_or_disk_full_while_publishing(repair_setup: dict[str, Any
         # a full disk fails the first step starting at or after the point; the last step starts at total - 2
         last = total if kind != "ENOSPC" else total - 2
         tail = rng.choice(range(last - 5, last + 1))
-        anywhere = rng.choice([at for at in range(1, last - 5)])
+        anywhere = rng.choice(range(1, last - 5))
         cases += [new_case(repair_setup, "repair", "repair", kind, at) for at in (anywhere, tail)]
     run_cases(repair_setup, "repair", cases, verify=verify_repair_output)
