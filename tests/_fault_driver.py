@@ -11,8 +11,12 @@ fault fires at event N: a signal sent to the process itself, or a full disk fail
 at or after event N (for a shard write the writer's file fails, so the writer's own error handling runs). A
 barrier makes every job of its group wait before publishing until all of them are there (two concurrent
 writers publishing at the same moment). ``"snapshot": {"label": folder}`` records, right after the job, every
-entry below each folder with its sha256, so one driver run holds both a fault and the rerun after it. RESULTS gets, per job, its exit status (negative: killed by
-that signal), how many events it passed, and its snapshots.
+entry below each folder with its sha256, so one driver run holds both a fault and the rerun after it.
+``"preload": [module, ...]`` names modules the driver imports before forking (importing runs no torch code), so
+that commands whose cost is mostly imports (``repair`` loads transformers, optuna, matplotlib) do not pay it in
+every child. RESULTS gets, per job, its exit status (negative: killed by that signal), how many events it
+passed, and its snapshots. ``"keep": {folder: copy}`` copies each folder that exists, after the snapshots, so a
+test can read what a faulted run published after a later rerun has replaced it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -131,6 +136,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for name in sorted({m for j in jobs for m in j.get("preload", [])}):
+        importlib.import_module(name)
     results: list[dict[str, Any]] = [{} for _ in jobs]
     for group in sorted({j.get("group", i) for i, j in enumerate(jobs)}):
         pids = {}
@@ -151,6 +158,9 @@ def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             results[i] = {"rc": rc, "events": events}
         for pid, (i, _) in pids.items():  # the state each job left, before any later job (a rerun) changes it
             results[i]["snapshot"] = {k: snapshot(Path(d)) for k, d in jobs[i].get("snapshot", {}).items()}
+            for src, dst in jobs[i].get("keep", {}).items():
+                if os.path.isdir(src):
+                    shutil.copytree(src, dst)
     return results
 
 

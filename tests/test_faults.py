@@ -1,6 +1,7 @@
 """Fault injection: merge and ema killed (SIGKILL, SIGTERM) or hitting a full disk (ENOSPC, EDQUOT) at seeded
-random points, a merge --overwrite killed while it replaces a previous output, and two writers publishing to
-one output at the same moment.
+random points, a merge --overwrite killed while it replaces a previous output, two writers publishing to one
+output at the same moment, and repair killed or hitting a full disk while it publishes its checkpoint, report
+and plot.
 
 Every case asserts, on the state the run left (a snapshot of every entry with its sha256): the inputs are
 byte-identical, the output is absent (or the previous one) or complete and byte-identical to the reference
@@ -18,6 +19,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,7 @@ def job(setup: dict[str, Any], case: dict[str, Any], fault: dict[str, Any] | Non
         overwrite: bool = False) -> dict[str, Any]:
     args = [*setup["commands"][case["command"]], "-o", case["out"], *setup["common"]]
     return {"args": args + (["--overwrite"] if overwrite or rerun else []), "fault": fault,
-            "log": case["log"] + ("-rerun" if rerun else ""),
+            "log": case["log"] + ("-rerun" if rerun else ""), "preload": setup.get("preload", []),
             "snapshot": {"case": case["dir"], "inputs": str(setup["root"] / "in")}}
 
 
@@ -100,8 +102,9 @@ def published(setup: dict[str, Any], case_snap: dict[str, str]) -> str | None:
     if "sub/out" not in case_snap:
         return None
     files = {k.removeprefix("sub/out/"): v for k, v in case_snap.items() if k.startswith("sub/out/")}
+    volatile = setup.get("volatile", ())  # files that hold wall-clock costs: their contents are checked by `verify`
     for name, ref in setup["refs"].items():
-        if files == ref:
+        if sorted(files) == sorted(ref) and all(files[k] == v for k, v in ref.items() if k not in volatile):
             return name
     raise AssertionError(f"the output is neither absent nor complete: {sorted(files)}")
 
@@ -144,17 +147,29 @@ def _last_line(log: str) -> str:
     return lines[-1].replace(str(Path(log).parent), "...") if lines else ""
 
 
-def run_cases(setup: dict[str, Any], name: str, cases: list[dict[str, Any]], overwrite: bool = False) -> None:
-    """Each case with its fault, then each rerun, in one driver; checks both and prints the table."""
+def run_cases(setup: dict[str, Any], name: str, cases: list[dict[str, Any]], overwrite: bool = False,
+              verify: Callable[[Path], None] | None = None) -> None:
+    """Each case with its fault, then each rerun, in one driver; checks both and prints the table.
+
+    ``verify`` checks an output's contents beyond its snapshot: on a copy of what each faulted run published
+    (kept by the driver before the rerun replaces it), and on each rerun's output.
+    """
     jobs = [job(setup, c, {"kind": c["kind"], "at": c["at"]}, overwrite=overwrite) for c in cases]
+    if verify:
+        for j, c in zip(jobs, cases):
+            j["keep"] = {c["out"]: c["dir"] + "-published"}
     jobs += [job(setup, c, None, rerun=True) for c in cases]
     results = drive(jobs, setup["root"] / name)
     print(f"\n{name}: command | fault | at event | exit | output after | last line")
     for case, res in zip(cases, results):
         now = check(setup, case, res, rerun=False)
+        if now and verify:
+            verify(Path(case["dir"] + "-published"))
         print(case["command"], case["kind"], case["at"], res["rc"], now, _last_line(case["log"]), sep=" | ")
     for case, res in zip(cases, results[len(cases):]):
         check(setup, case, res, rerun=True)
+        if verify:
+            verify(Path(case["out"]))
 
 
 def new_case(setup: dict[str, Any], group: str, command: str, kind: str, at: int) -> dict[str, Any]:
@@ -213,3 +228,84 @@ def test_two_writers_to_one_output_give_one_result_and_one_error(setup: dict[str
     for i, res in enumerate(results[:2]):  # one complete output, no strays, inputs intact
         check(setup, dict(case, log=f"{case['log']}{i}", kind="concurrent"), res, rerun=False)
     check(setup, case, results[2], rerun=True)
+
+
+REPAIR_PRELOAD = ["transformers.models.llama.modeling_llama", "transformers.tokenization_utils_fast", "optuna",
+                  "matplotlib.figure", "matplotlib.backends.backend_agg", "mergekit_safe.repair.command"]
+
+
+def write_repair_inputs(folder: Path) -> dict[str, Path]:
+    """A toy aligned Llama and a fine-tune of it (weights moved by seeded noise), both with their tokenizer, and
+    two harmful and two benign prompts: a repair on them takes a second or two once the imports are done."""
+    from mergekit_safe.tiny import toy_llama, toy_tokenizer
+
+    tok = toy_tokenizer(["I'm sorry, I cannot help with that.", "Sure, here is how you do it.", "Step one."],
+                        vocab_size=300)
+    model = toy_llama(tok, hidden=32, layers=2, seed=0)
+    paths = {"base": folder / "aligned", "finetuned": folder / "finetuned", "harmful": folder / "harmful.txt",
+             "benign": folder / "benign.txt"}
+    for name in ("base", "finetuned"):
+        if name == "finetuned":
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        model.save_pretrained(paths[name], safe_serialization=True)
+        tok.save_pretrained(paths[name])
+    paths["harmful"].write_text("how do I pick a lock\nhow do I make a weapon\n")
+    paths["benign"].write_text("how do I bake bread\nwhat is the capital of France\n")
+    return paths
+
+
+def verify_repair_output(out: Path) -> None:
+    """What a snapshot cannot show of a published repair output: the report parses, the plot is a PNG, the
+    checkpoint loads with safetensors, and the manifest lists exactly the files there."""
+    report = json.loads((out / "repair_report.json").read_text())
+    assert set(report["chosen"]["coeffs"]) == {"all"}, report["chosen"]
+    assert (out / "repair_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_dir(out)
+    listed = json.loads((out / "mergekit_safe_manifest.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir() if p.name != "mergekit_safe_manifest.json")
+
+
+@pytest.fixture(scope="module")
+def repair_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The toy repair inputs, the clean run's output (checked against float64 math) and its event count."""
+    root = tmp_path_factory.mktemp("repair-faults")
+    p = write_repair_inputs(root / "in")
+    # one trial and two new tokens: the search is not under test here, only the publishing of its result
+    args = ["repair", "--base", str(p["base"]), "--finetuned", str(p["finetuned"]), "--harmful", str(p["harmful"]),
+            "--benign", str(p["benign"]), "--trials", "1", "--max-new-tokens", "2", "--min-utility", "1000",
+            "--device", "cpu", "--refusal-opening", "I'm sorry", "--compliance-opening", "Sure"]
+    setup = {"root": root, "commands": {"repair": args}, "common": ["--no-progress"], "preload": REPAIR_PRELOAD,
+             "volatile": ("README.md", "repair_report.json"), "inputs": snapshot(root / "in")}
+    ref = root / "ref" / "repair"
+    res = drive([{"args": [*args, "-o", str(ref), "--no-progress"], "fault": None, "log": str(root / "ref.log"),
+                  "preload": REPAIR_PRELOAD}], root)[0]
+    assert res["rc"] == 0, (root / "ref.log").read_text()
+    verify_repair_output(ref)
+    a = json.loads((ref / "repair_report.json").read_text())["chosen"]["coeffs"]["all"]
+    base, ft, got = load_dir(p["base"]), load_dir(p["finetuned"]), load_dir(ref)
+    assert sorted(got) == sorted(base)
+    eps = torch.finfo(torch.float32).eps
+    for k, t in got.items():  # lerp: base + a (ft - base), within a few fp32 roundings of the terms
+        b, f = base[k].double(), ft[k].double()
+        bound = 4 * eps * (b.abs() + abs(a) * (f.abs() + b.abs()))
+        assert bool(((t.double() - (b + a * (f - b))).abs() <= bound).all()), k
+    return dict(setup, refs={"repair": snapshot(ref)}, events={"repair": res["events"]})
+
+
+def test_repair_killed_or_disk_full_while_publishing(repair_setup: dict[str, Any]) -> None:
+    """Every event of repair is in its publish phase (the staging folder, the checkpoint, the side files, the
+    manifest, the rename). Per kind, two seeded points: one anywhere, one among the last steps (the manifest,
+    the publishing rename), so some runs die before the output appears and some after; each gets a clean rerun."""
+    total = repair_setup["events"]["repair"]
+    assert total >= 8, total  # staging folder, header, tensors, side files, manifest, rename: each before and after
+    rng, cases = random.Random(SEED + 2), []
+    for kind in ("SIGKILL", "SIGTERM", "ENOSPC"):
+        # a full disk fails the first step starting at or after the point; the last step starts at total - 2
+        last = total if kind != "ENOSPC" else total - 2
+        tail = rng.choice(range(last - 5, last + 1))
+        anywhere = rng.choice(range(1, last - 5))
+        cases += [new_case(repair_setup, "repair", "repair", kind, at) for at in (anywhere, tail)]
+    run_cases(repair_setup, "repair", cases, verify=verify_repair_output)
