@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mergekit_safe.cli import main
+from mergekit_safe.eval.judges import JUDGES
 from mergekit_safe.errors import SearchError
 from tests.helpers import assert_close
 
@@ -275,8 +276,8 @@ def test_bad_flags_rejected_before_any_model_loads(tiny_pair: tuple[Path, Path],
     base, ft = tiny_pair
     args = ["repair", "--base", str(base), "--finetuned", str(ft), "--no-progress", "-o", str(tmp_path / "out")]
     flags, want = {
-        "judge": (["--judge", "gpt"], "Invalid value for '--judge': 'gpt' is not one of 'keyword', 'prefix', "
-                                       "'classifier'."),
+        "judge": (["--judge", "gpt"], "Invalid value for '--judge': 'gpt' is not one of "
+                                       + ", ".join(f"'{name}'" for name in JUDGES) + "."),
         "classifier": (["--judge", "classifier"], "Error: --judge classifier needs --judge-model PATH (a local "
                                                   "sequence-classification model)"),
         "storage": (["--storage", "repair.db"], "Error: --storage repair.db: not a database URL; use e.g. "
@@ -285,7 +286,7 @@ def test_bad_flags_rejected_before_any_model_loads(tiny_pair: tuple[Path, Path],
                                              "kept"),
         "density_low": (["--density", "-1"], "Error: --density -1: must be in (0, 1], the fraction of the task "
                                              "vector kept"),
-        "device": (["--device", "tpu"], "Invalid value for '--device': 'tpu' is not one of 'auto', 'cpu', 'cuda'."),
+        "device": (["--device", "tpu"], "Error: --device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     }[case]
     r = CliRunner().invoke(main, args + flags)
     assert r.exit_code != 0 and "Traceback" not in r.output

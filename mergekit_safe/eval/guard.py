@@ -251,10 +251,11 @@ def _build_guard(model_path: str | Path | None = None, guard_format: str | None 
 
 
 register_judge(JudgeSpec("guard", "a guard model (--judge-model; Llama Guard, ShieldGemma, WildGuard; "
-                         "--guard-format)", _build_guard, decides_refusal=False))
+                         "--guard-format)", _build_guard, decides_refusal=False,
+                         model="a local guard model folder"))
 def _build_harmbench(**options: Any) -> JudgeFn:
     return _build_guard(**{**options, "guard_format": "harmbench"})
 
 
 register_judge(JudgeSpec("harmbench-cls", "the HarmBench classifier prompt on a local causal LM (--judge-model)",
-                         _build_harmbench, decides_refusal=False))
+                         _build_harmbench, decides_refusal=False, model="a local HarmBench classifier folder"))

@@ -117,12 +117,14 @@ class JudgeSpec:
         description: one line for ``--help`` and the docs table.
         build: ``build(**options) -> judge`` where ``judge(prompts, responses) -> list[Verdict]``.
         decides_refusal: the judge sets ``Verdict.refused`` (so it can also measure over-refusal).
+        model: what ``--judge-model`` must name for this judge; empty when it needs no model.
     """
 
     name: str
     description: str
     build: Callable[..., JudgeFn]
     decides_refusal: bool
+    model: str = ""
 
 
 JUDGES: dict[str, JudgeSpec] = {}
@@ -280,4 +282,4 @@ register_judge(JudgeSpec("keyword", "refusal if any refusal phrase occurs anywhe
 register_judge(JudgeSpec("prefix", "refusal only if the response starts with a refusal phrase",
                          _refusal_judge(is_refusal_prefix), decides_refusal=True))
 register_judge(JudgeSpec("classifier", "local HF sequence-classification guard model (--judge-model)",
-                         _build_classifier, decides_refusal=False))
+                         _build_classifier, decides_refusal=False, model="a local sequence-classification model"))

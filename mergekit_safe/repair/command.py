@@ -237,8 +237,9 @@ def _check_settings(cfg: RepairConfig) -> GroupSpec:
         raise SearchError(f"the largest coefficient must be > 0, got {cfg.high}")
     if cfg.judge not in JUDGES:
         raise SearchError(f"--judge {cfg.judge!r}: choose from {', '.join(JUDGES)}")
-    if cfg.judge == "classifier" and cfg.judge_model is None:
-        raise SearchError("--judge classifier needs --judge-model PATH (a local sequence-classification model)")
+    needs = JUDGES[cfg.judge].model if cfg.judge in JUDGES else ""
+    if needs and cfg.judge_model is None:
+        raise SearchError(f"--judge {cfg.judge} needs --judge-model PATH ({needs})")
     if cfg.judge_model is not None and not Path(cfg.judge_model).is_dir():
         raise SearchError(f"--judge-model {cfg.judge_model}: judge model directory not found")
     check_storage(cfg.storage)
