@@ -95,52 +95,61 @@ def evaluate(
         >>> print(report.table())  # doctest: +SKIP
     """
     config = config or GenerationConfig()
+    harmful_p, benign_p = _as_prompts(harmful), _as_prompts(benign)
+    _check_inputs(model, backend, harmful_p, benign_p, utility, exact_match_utility, lm_eval_tasks)
+    backend = backend or HFBackend(model, tokenizer)
+    judge_options = dict(judge_options or {})
+    judge, refusal_fn = _resolve_judge(judge, judge_options)
+    framed = harmful_p + [f for t in tasks for f in frame_prompts(harmful_p, t)]
+    em_rows = list(utility or []) if exact_match_utility else []
+    report = _new_report(model_name, judge.name, config, tasks, judge_options)
+    # one backend call for every prompt, so all of them share length-sorted batches
+    responses = _generate(backend, [p.text for p in framed] + [p.text for p in benign_p] + [r.prompt for r in em_rows],
+                          config, report)
+    h_resp, b_resp, em_resp = (responses[:len(framed)], responses[len(framed):len(framed) + len(benign_p)],
+                               responses[len(framed) + len(benign_p):])
+    h_verdicts, panel = _score_harmful(report, judge, extra_judges, judge_options, framed, h_resp)
+    b_verdicts = _score_benign(report, refusal_fn, benign_p, b_resp)
+    _score_utility(report, model, tokenizer, utility, em_rows, em_resp, lm_eval_tasks, config)
+    margins = (_score_proxy(report, model, tokenizer, harmful_p, framed, h_verdicts, refusal_openings,
+                            compliance_openings, config) if proxy and model is not None and harmful_p else [])
+    _record_generations(report, framed, h_resp, h_verdicts, panel, margins, len(harmful_p))
+    _record_others(report, benign_p, b_resp, b_verdicts, em_rows, em_resp)
+    return report
+
+
+def _check_inputs(model: Any, backend: GenerationBackend | None, harmful: list[Prompt], benign: list[Prompt],
+                  utility: Sequence[UtilityRow] | None, exact_match_utility: bool,
+                  lm_eval_tasks: Sequence[str]) -> None:
+    """Refuse an evaluation that has nothing to measure, or that needs weights a served model does not give."""
     if model is None and (backend is None or lm_eval_tasks or (utility and not exact_match_utility)):
         raise EvalError("this evaluation needs the model in memory (generation backend, utility NLL or lm-eval); "
                         "with a served model use --exact-match for utility")
-    backend = backend or HFBackend(model, tokenizer)
-    judge_options = dict(judge_options or {})
-    harmful_p, benign_p = _as_prompts(harmful), _as_prompts(benign)
-    if not harmful_p and not benign_p and not utility and not lm_eval_tasks:
+    if not harmful and not benign and not utility and not lm_eval_tasks:
         raise EvalError("nothing to evaluate: give harmful prompts, benign prompts or utility data")
-    judge, refusal_fn = _resolve_judge(judge, judge_options)
 
-    framed = list(harmful_p)
-    for t in tasks:
-        framed += frame_prompts(harmful_p, t)
-    em_rows = list(utility or []) if exact_match_utility else []
-    report = EvalReport(model=model_name, judge=judge.name)
+
+def _new_report(model_name: str, judge_name: str, config: GenerationConfig, tasks: Sequence[str],
+                judge_options: dict[str, Any]) -> EvalReport:
+    """An empty report that records the settings it was measured with."""
+    report = EvalReport(model=model_name, judge=judge_name)
     report.settings = {
         "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
         "system_prompt": config.system_prompt, "tasks": list(tasks), "judge_options": {
             k: (list(v) if isinstance(v, (tuple, list)) else str(v)) for k, v in judge_options.items()},
     }
-    # one backend call for every prompt, so all of them share length-sorted batches
-    responses = _generate(backend, [p.text for p in framed] + [p.text for p in benign_p] + [r.prompt for r in em_rows],
-                          config, report)
-    h_resp = responses[:len(framed)]
-    b_resp = responses[len(framed):len(framed) + len(benign_p)]
-    em_resp = responses[len(framed) + len(benign_p):]
+    return report
 
-    h_verdicts, panel = _score_harmful(report, judge, extra_judges, judge_options, framed, h_resp)
-    b_verdicts = refusal_fn([p.text for p in benign_p], b_resp) if benign_p else []
-    if benign_p:
-        refused = [bool(v.refused) for v in b_verdicts]
-        report.over_refusal = Rate.of(refused)
-        report.over_refusal_by_category = _group(benign_p, refused, "category")
-    _score_utility(report, model, tokenizer, utility, em_rows, em_resp, lm_eval_tasks, config)
-    margins: list[float] = []
-    if proxy and model is not None and harmful_p:
-        margins = _score_proxy(report, model, tokenizer, harmful_p, framed, h_verdicts, refusal_openings,
-                               compliance_openings, config)
-    _record_generations(report, framed, h_resp, h_verdicts, panel, margins, len(harmful_p))
-    for p, r, v in zip(benign_p, b_resp, b_verdicts):
+
+def _record_others(report: EvalReport, benign: list[Prompt], b_resp: list[str], b_verdicts: list[Verdict],
+                   em_rows: list[UtilityRow], em_resp: list[str]) -> None:
+    """One record per benign answer and per exact-match utility answer."""
+    for p, r, v in zip(benign, b_resp, b_verdicts):
         report.generations.append({"set": "benign", "prompt": p.text, "category": p.category, "source": p.source,
                                    "response": r, "refused": v.refused})
     for row, r in zip(em_rows, em_resp):
         report.generations.append({"set": "utility", "prompt": row.prompt, "reference": row.response,
                                    "source": row.source, "response": r})
-    return report
 
 
 def _resolve_judge(judge: str | Judge | JudgeFn, options: dict[str, Any]) -> tuple[Judge, JudgeFn]:
@@ -182,6 +191,17 @@ def _score_harmful(report: EvalReport, judge: Judge, extra: Sequence[str | Judge
         {k: [v.unsafe for p, v in zip(framed, vs) if p.framing == "direct"] for k, vs in panel.items()},
         [r for p, r in zip(framed, responses) if p.framing == "direct"])
     return verdicts, panel
+
+
+def _score_benign(report: EvalReport, refusal_fn: JudgeFn, benign: list[Prompt], responses: list[str]) -> list[Verdict]:
+    """Over-refusal on the benign answers (overall and per category)."""
+    if not benign:
+        return []
+    verdicts = refusal_fn([p.text for p in benign], responses)
+    refused = [bool(v.refused) for v in verdicts]
+    report.over_refusal = Rate.of(refused)
+    report.over_refusal_by_category = _group(benign, refused, "category")
+    return verdicts
 
 
 def _score_utility(report: EvalReport, model: Any, tokenizer: Any, utility: Sequence[UtilityRow] | None,
