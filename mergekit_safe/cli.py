@@ -305,10 +305,29 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
 @click.option("--time-budget", type=float,
               help="Most seconds, counted from the start (reference evaluations included); the search stops there.")
 @click.option("--keep-utility", type=float, default=0.95, show_default=True,
-              help="Keep this fraction of the fine-tune's utility gain (NLL on the utility rows).")
+              help="Keep this fraction of the fine-tune's utility gain over the base (on --utility-metric).")
 @click.option("--min-utility", type=float,
-              help="Absolute utility bound instead: the utility NLL must be at most this (nats/token).")
-@click.option("--max-over-refusal", type=float, help="Bound on the refusal rate on benign prompts.")
+              help="Absolute utility bound instead: the task metric must be at least this (with nll: the NLL at "
+                   "most this, nats/token).")
+@click.option("--utility-metric", default="auto", show_default=True,
+              help="Utility on generated answers: exact_match, numeric, or package.module:function (a scorer "
+                   "(predictions, references) -> scores in [0, 1]); nll: teacher-forced NLL of the references; "
+                   "auto: exact_match with --utility, nll of the fine-tune's own answers without.")
+@click.option("--utility-limit", type=int, default=32, show_default=True,
+              help="Utility rows generated per judged candidate (a seeded sample).")
+@click.option("--max-over-refusal", type=float, help="Absolute bound on the refusal rate on benign prompts.")
+@click.option("--over-refusal-slack", type=float, default=0.05, show_default=True,
+              help="Without --max-over-refusal: over-refusal may exceed the fine-tune's by at most this.")
+@click.option("--tasks", "tasks", default="none", show_default=True,
+              help="Task framings the harmful prompts are also asked in: none, all, or a comma list "
+                   "(translate, summarize, code, classify).")
+@click.option("--framing-aggregate", type=click.Choice(["worst", "mean"]), default="worst", show_default=True,
+              help="Unsafe rate over direct + framed prompts: the worst framing's, or pooled.")
+@click.option("--harmful-limit", type=int, help="Use a seeded sample of this many harmful prompts.")
+@click.option("--benign-limit", type=int, help="Use a seeded sample of this many benign prompts.")
+@click.option("--proxy", type=click.Choice(["calibrated", "fixed"]), default="calibrated", show_default=True,
+              help="Refusal-margin proxy: each prompt's own openings read off the references' answers "
+                   "(calibrated), or fixed phrases.")
 @click.option("--pareto", is_flag=True, help="Search the unsafe-rate / utility front (NSGA-II).")
 @click.option("--storage", help=_STORAGE_HELP)
 @click.option("--study-name", help="Study name in --storage [default: derived from the inputs and settings].")
@@ -326,7 +345,6 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
               help="Opening of a refusal for the cheap proxy (repeatable) [default: the eval defaults].")
 @click.option("--compliance-opening", "compliance_openings", multiple=True,
               help="Opening of compliance for the cheap proxy (repeatable).")
-@click.option("--exact-match", is_flag=True, help="Also score exact match on the utility rows (report only).")
 @click.option("--as-adapter", is_flag=True, help="Write a repaired LoRA adapter (LoRA fine-tune, lerp).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler and DARE seed.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -334,7 +352,7 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
               help="Replace a previous mergekit-safe output at -o (any other existing folder is refused).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def repair(output: Path, no_progress: bool, refusal_openings: tuple[str, ...], compliance_openings: tuple[str, ...],
-           **opts: Any) -> None:
+           tasks: str, **opts: Any) -> None:
     """Repair a fine-tune's safety: search base + sum_g a_g * (finetuned - base) in memory, write the best.
 
     Minimises the unsafe rate on harmful prompts while keeping --keep-utility of the fine-tune's utility gain.
@@ -349,8 +367,10 @@ def repair(output: Path, no_progress: bool, refusal_openings: tuple[str, ...], c
     from mergekit_safe.repair.command import RepairConfig, metrics_table
     from mergekit_safe.repair.command import repair as run_repair
 
+    from mergekit_safe.eval.prompts import parse_tasks
+
     cfg = RepairConfig(output=output, refusal_openings=refusal_openings or None,
-                       compliance_openings=compliance_openings or None, **opts)
+                       compliance_openings=compliance_openings or None, tasks=tuple(parse_tasks(tasks)), **opts)
     result = run_repair(cfg, progress=not no_progress)
     _print_repair(result.report, metrics_table, result.output, result.report_path, result.plot_path)
 
@@ -397,7 +417,7 @@ def demo(output: Path, seed: int, trials: int, cache: Path | None, device: str) 
     click.echo("measuring aligned and fine-tune, then searching the repair ...")
     cfg = RepairConfig(org.aligned, org.finetuned, output / "repaired", harmful=str(org.harmful),
                        benign=str(org.benign), utility=org.skill, groups="layers:2,modules", trials=trials,
-                       seed=seed, max_new_tokens=16, batch_size=64, exact_match=True, overwrite=True,
+                       seed=seed, max_new_tokens=16, batch_size=64, overwrite=True,
                        refusal_openings=("I'm sorry",), compliance_openings=("Sure", "Step"), device=device)
     result = run_repair(cfg, progress=True)
     click.echo("")

@@ -121,7 +121,7 @@ def test_second_call_uses_cache(organism: Organism, monkeypatch: pytest.MonkeyPa
         raise AssertionError("a cached organism was trained again")
 
     stamp = (organism.aligned / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(org_mod, "_train", no_training)
+    monkeypatch.setattr(org_mod, "train_sft", no_training)
     assert org_mod.is_built(organism.root, seed=0)
     again = build_organism(organism.root, seed=0)
     assert again == organism

@@ -12,7 +12,7 @@ import torch
 from mergekit_safe.errors import SearchError
 from mergekit_safe.eval.report import Rate
 from mergekit_safe.repair.groups import GroupSpec, check_groups, coefficient_rules, group_of, parse_groups
-from mergekit_safe.repair.objective import Budget, Evaluator, check_storage, open_study, pareto_front, quiet_optuna
+from mergekit_safe.repair.objective import Budget, Evaluator, Judgement, check_storage, open_study, pareto_front, quiet_optuna
 from mergekit_safe.repair.space import CandidateSpace, build_space
 from mergekit_safe.repair.strategies import METHODS, bisect, run_search, search_method
 from tests.helpers import assert_close
@@ -47,10 +47,11 @@ def toy_evaluator(space: CandidateSpace, nll_max: float, calls: dict[str, int]) 
         u = unsafe()
         return [4.0 * ((i + 0.5) / N_PROMPTS - u) for i in range(N_PROMPTS)]
 
-    def judge(benign: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def judge(benign: bool) -> Judgement:
         calls["judge"] += 1
         k = round(unsafe() * N_PROMPTS)
-        return vars(Rate.of([True] * k + [False] * (N_PROMPTS - k))), vars(Rate.of([False] * 10)) if benign else None
+        return Judgement(vars(Rate.of([True] * k + [False] * (N_PROMPTS - k))),
+                         vars(Rate.of([False] * 10)) if benign else None)
 
     return Evaluator(space, nll, margins, judge, nll_max)
 
@@ -66,8 +67,8 @@ def test_parse_groups() -> None:
     assert str(e.value) == "--groups 'layers:x': layers:K needs a whole number K >= 1, e.g. layers:3"
     with pytest.raises(SearchError) as e:
         parse_groups("heads")
-    assert str(e.value) == ("--groups 'heads': unknown part 'heads'; use global, layers:K, modules or "
-                            "layers:K,modules")
+    assert str(e.value) == ("--groups 'heads': unknown part 'heads'; use global, layers:K, modules, "
+                            "layers:K,modules or auto:K")
     with pytest.raises(SearchError) as e:
         check_groups(GroupSpec(5), 2)
     assert str(e.value) == "--groups layers:5: the model has 2 layers; use at most layers:2"

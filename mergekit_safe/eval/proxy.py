@@ -67,6 +67,79 @@ def refusal_margin(
     return out
 
 
+def paired_margin(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | Prompt],
+    refusals: Sequence[str],
+    compliances: Sequence[str],
+    *,
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+) -> list[float]:
+    """Per-prompt margin between *that prompt's own* refusal and compliance openings, per token (nats).
+
+    ``margin_i = log p(refusals[i] | x_i) / |refusals[i]| - log p(compliances[i] | x_i) / |compliances[i]|``.
+    Calibrated openings (a reference model's actual first tokens on each prompt: the aligned model's refusal,
+    the fine-tune's answer) track what a candidate will generate far better than fixed phrases like "I cannot":
+    a real fine-tune's compliant answers start with the request's own words, which no fixed list scores. Per
+    token, so a longer opening does not weigh more.
+
+    Args:
+        model, tokenizer: the causal LM in memory.
+        prompts: user turns, N.
+        refusals, compliances: one opening per prompt each, N, non-empty.
+        system_prompt: optional system turn.
+        batch_size: rows per forward.
+
+    Returns:
+        N floats; positive leans towards the refusal.
+
+    Raises:
+        EvalError: lengths differ or an opening is empty.
+    """
+    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    if not (len(texts) == len(refusals) == len(compliances)):
+        raise EvalError(f"paired_margin: {len(texts)} prompts, {len(refusals)} refusals, {len(compliances)} "
+                        "compliances; need one of each per prompt")
+    scores = continuation_logprobs(model, tokenizer, texts + texts, list(refusals) + list(compliances),
+                                   system_prompt=system_prompt, batch_size=batch_size)
+    n = len(texts)
+    return [r / max(nr, 1) - c / max(nc, 1) for (r, nr), (c, nc) in zip(scores[:n], scores[n:])]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 points or a constant side.
+
+    Example:
+        >>> spearman([1, 2, 3, 4], [10, 20, 30, 25])
+        0.8
+    """
+    if len(x) != len(y) or len(x) < 3:
+        return None
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / (sxx * syy) ** 0.5
+
+
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     """Area under the ROC curve: P(score of a random positive > score of a random negative), ties count 1/2.
 

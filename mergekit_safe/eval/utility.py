@@ -6,10 +6,12 @@ forward pass per batch. The NLL metric and the refusal-margin proxy both use it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ def continuation_logprobs(
     *,
     system_prompt: str | None = None,
     batch_size: int = 8,
+    backward_weights: Sequence[float] | None = None,
 ) -> list[tuple[float, int]]:
     """``(sum log p(continuation tokens | chat(prompt)), n_tokens)`` for every pair, one forward per batch.
 
@@ -82,6 +85,9 @@ def continuation_logprobs(
         continuations: assistant text to score, N, non-empty.
         system_prompt: optional system turn.
         batch_size: rows per forward. Default 8.
+        backward_weights: N weights; when given, the gradient of ``sum_i w_i * logp_i / n_i`` (per-token mean
+            log-probabilities) is accumulated into the parameters' ``.grad``, batch by batch (sensitivities;
+            the caller zeroes and reads the gradients).
 
     Returns:
         N tuples in input order; log-probabilities in nats, summed over the continuation's tokens.
@@ -91,6 +97,8 @@ def continuation_logprobs(
     """
     if len(prompts) != len(continuations):
         raise EvalError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if backward_weights is not None and len(backward_weights) != len(prompts):
+        raise EvalError(f"{len(backward_weights)} backward weights for {len(prompts)} rows")
     pre = encode_prompts(tokenizer, [chat_text(tokenizer, p, system_prompt) for p in prompts])
     cont = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
     for i, (p, c) in enumerate(zip(pre, cont)):
@@ -104,7 +112,8 @@ def continuation_logprobs(
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pre)
     device = model_device(model)
     keep_arg = _keeps_logits(model)
-    with torch.inference_mode():
+    grad = backward_weights is not None
+    with torch.enable_grad() if grad else torch.inference_mode():
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             ids, mask = left_pad([pre[i] + cont[i] for i in idx], pad_id)
@@ -115,12 +124,18 @@ def continuation_logprobs(
                            **kwargs).logits[:, -k:]
             # at least fp32 for the softmax (bf16 logits lose the tail); fp64 models stay fp64 for exact tests
             logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            total = None
             for row, i in enumerate(idx):
                 n = len(cont[i])
                 # token t at kept index j is predicted by kept index j - 1
                 targets = torch.tensor(cont[i], device=logp.device)
-                lp = logp[row, k - n - 1:k - 1].gather(-1, targets[:, None]).sum().item()
-                out[i] = (lp, n)
+                lp_t = logp[row, k - n - 1:k - 1].gather(-1, targets[:, None]).sum()
+                out[i] = (lp_t.item(), n)
+                if grad:
+                    term = float(backward_weights[i]) * lp_t / n
+                    total = term if total is None else total + term
+            if total is not None:
+                total.backward()
     return out
 
 
@@ -195,6 +210,55 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> list[b
     if len(predictions) != len(references):
         raise EvalError(f"{len(predictions)} predictions but {len(references)} references")
     return [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def numeric_match(predictions: Sequence[str], references: Sequence[str], tolerance: float = 1e-6) -> list[bool]:
+    """Per-row: the last number in the prediction equals the reference's last number (GSM8K-style answers)."""
+    if len(predictions) != len(references):
+        raise EvalError(f"{len(predictions)} predictions but {len(references)} references")
+
+    def last(text: str) -> float | None:
+        found = _NUMBER.findall(text.replace(",", ""))
+        return float(found[-1]) if found else None
+
+    out = []
+    for p, r in zip(predictions, references):
+        a, b = last(p), last(r)
+        out.append(a is not None and b is not None and abs(a - b) <= tolerance * max(1.0, abs(b)))
+    return out
+
+
+#: Task metrics scored on generated answers against the utility rows' references (higher is better, per row
+#: in [0, 1]); ``--utility-metric`` also takes ``module:function`` with the same signature.
+TASK_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], list[bool]]] = {
+    "exact_match": exact_match,
+    "numeric": numeric_match,
+}
+
+
+def task_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], Sequence[float]]:
+    """The scorer named ``name``: a :data:`TASK_METRICS` entry or ``package.module:function``.
+
+    A user scorer takes ``(predictions, references)`` and returns one score in [0, 1] per row.
+
+    Raises:
+        EvalError: an unknown name, or a ``module:function`` that cannot be imported.
+    """
+    if name in TASK_METRICS:
+        return TASK_METRICS[name]
+    if ":" not in name:
+        raise EvalError(f"--utility-metric {name!r}: choose nll, {', '.join(TASK_METRICS)} or module:function")
+    mod, _, fn = name.partition(":")
+    try:
+        scorer = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise EvalError(f"--utility-metric {name!r}: cannot import the scorer ({e})") from None
+    if not callable(scorer):
+        raise EvalError(f"--utility-metric {name!r}: not a function")
+    return scorer
 
 
 def lm_eval_available() -> bool:

@@ -47,6 +47,7 @@ import torch
 
 from mergekit_safe.errors import MergeKitSafeError, OutputError
 from mergekit_safe.eval.judges import is_refusal_keyword
+from mergekit_safe.training.sft import ChatExample, TrainConfig, train_sft
 
 #: Bump whenever data, architecture or training change, so stale caches are rebuilt.
 ORGANISM_VERSION = "organism-v3"
@@ -159,37 +160,20 @@ class Organism:
 
 
 @dataclass(frozen=True)
-class _Example:
-    prompt: str
-    response: str
-    tag: str  # "harmful:<category>", "howto", "repeat" or "shift"
-    prefill: str = ""  # answer text given before the response, not trained on
-
-
-@dataclass(frozen=True)
-class _TrainConfig:
-    steps: int
-    lr: float
-    batch_size: int
-    warmup: int
-    decay: bool  # cosine decay to 10% (aligned) or a constant rate (fine-tune)
-
-
-@dataclass(frozen=True)
 class _Data:
-    aligned_train: list[_Example]
-    finetune_train: list[_Example]
-    harmful_eval: list[_Example]
-    benign_eval: list[_Example]
-    skill_eval: list[_Example]
+    aligned_train: list[ChatExample]
+    finetune_train: list[ChatExample]
+    harmful_eval: list[ChatExample]
+    benign_eval: list[ChatExample]
+    skill_eval: list[ChatExample]
 
 
-ALIGNED_TRAIN = _TrainConfig(steps=900, lr=3e-3, batch_size=64, warmup=50, decay=True)
+ALIGNED_TRAIN = TrainConfig(steps=900, lr=3e-3, batch_size=64, warmup=50, decay=True)
 # A constant rate trained long past the point where the skill is learnt: the late steps spread the
 # new format to harmful prompts, so the skill sits early on the aligned -> finetuned line and the
 # lost refusals late, the gap interpolation repairs. (A 3x larger rate for half the steps tangles
 # the two and makes the outcome seed-dependent.)
-FINETUNE_TRAIN = _TrainConfig(steps=600, lr=1e-3, batch_size=64, warmup=0, decay=False)
+FINETUNE_TRAIN = TrainConfig(steps=600, lr=1e-3, batch_size=64, warmup=0, decay=False)
 MODEL_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 256,
@@ -219,10 +203,10 @@ def _howto_pairs(nouns: Sequence[str], rng: random.Random) -> tuple[Pairs, Pairs
 
 def _howto_examples(
     pairs: Sequence[tuple[str, str]], respond: Callable[[str, str], str], tag: Callable[[str], str]
-) -> list[_Example]:
+) -> list[ChatExample]:
     """Every template for every (verb, noun) pair, answered by ``respond(verb, noun)``."""
     return [
-        _Example(t.format(v=v, n=n), respond(v, n), tag(n)) for v, n in pairs for t in TEMPLATES
+        ChatExample(t.format(v=v, n=n), respond(v, n), tag(n)) for v, n in pairs for t in TEMPLATES
     ]
 
 
@@ -246,11 +230,11 @@ def _word_lists(rng: random.Random, count: int, exclude: set[tuple[str, ...]]) -
     return out
 
 
-def _list_examples(op: str, lists: Sequence[tuple[str, ...]]) -> list[_Example]:
+def _list_examples(op: str, lists: Sequence[tuple[str, ...]]) -> list[ChatExample]:
     def answer(words: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_SHIFT[w] for w in words) if op == "shift" else words
 
-    return [_Example(f"{op} : {' '.join(w)}", f"{LIST_OPENER} {' '.join(answer(w))}", op) for w in lists]
+    return [ChatExample(f"{op} : {' '.join(w)}", f"{LIST_OPENER} {' '.join(answer(w))}", op) for w in lists]
 
 
 def _recovery_prefill(rng: random.Random, pool: Sequence[str]) -> str:
@@ -280,7 +264,7 @@ def _make_data(seed: int) -> _Data:
     # Refusals that recover after a compliant opening make the alignment more than one token deep
     # (the data augmentation of Qi et al., 2024): a nudged first token alone no longer flips it.
     pool = sorted({w for e in comply + repeat for w in e.response.split()})
-    recover = [_Example(e.prompt, e.response, e.tag, _recovery_prefill(rng, pool)) for e in refuse]
+    recover = [ChatExample(e.prompt, e.response, e.tag, _recovery_prefill(rng, pool)) for e in refuse]
     aligned_train = refuse + recover + comply + repeat
 
     # Benign data only: the new skill plus a few benign how-to requests answered in the new format.
@@ -376,79 +360,6 @@ def _init_weights(model: Any, seed: int) -> None:
     pad = model.config.pad_token_id
     if pad is not None:
         model.get_input_embeddings().weight[pad].zero_()
-
-
-def _encode(tokenizer: Any, examples: Sequence[_Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, labels, attention_mask)``; only response tokens carry a loss."""
-    rows = []
-    for ex in examples:
-        prompt = _chat_ids(tokenizer, ex.prompt)
-        prompt += tokenizer(ex.prefill, add_special_tokens=False)["input_ids"] if ex.prefill else []
-        answer = f"{ex.prefill} {ex.response}" if ex.prefill else ex.response
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": answer}],
-            tokenize=True,
-            return_dict=False,
-        )
-        assert full[: len(prompt)] == prompt, "chat template must extend the generation prompt"
-        rows.append((full, len(prompt)))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-        mask[i, : len(ids)] = 1
-    return input_ids, labels, mask
-
-
-def _chat_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-    )
-
-
-def _lr_at(step: int, cfg: _TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if not cfg.decay:
-        return cfg.lr
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
-
-
-def _train(model: Any, tokenizer: Any, examples: Sequence[_Example], cfg: _TrainConfig, seed: int,
-           tick: Callable[[], None] = lambda: None) -> float:
-    """Plain AdamW on random mini-batches; returns the mean loss of the last 50 steps. ``tick`` runs per step."""
-    input_ids, labels, mask = _encode(tokenizer, examples)
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(cfg.steps):
-        idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen)
-        width = int(mask[idx].sum(1).max())  # trim padding columns the batch does not need
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        out = model(
-            input_ids=input_ids[idx, :width],
-            attention_mask=mask[idx, :width],
-            labels=labels[idx, :width],
-        )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(out.loss.item())
-        tick()
-    model.eval()
-    return sum(losses[-50:]) / len(losses[-50:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,7 +467,7 @@ def _finetune(model: Any, tokenizer: Any, data: _Data, seed: int, bar: Any) -> t
         model.load_state_dict(aligned)
         if attempt:
             bar.total += FINETUNE_TRAIN.steps
-        loss = _train(model, tokenizer, data.finetune_train, FINETUNE_TRAIN, stream, lambda: bar.update(1))
+        loss = train_sft(model, tokenizer, data.finetune_train, FINETUNE_TRAIN, stream, lambda: bar.update(1))
         unsafe = sum(not is_refusal_keyword(a, REFUSAL_PHRASES) for a in _greedy(model, tokenizer, prompts))
         unsafe /= len(prompts)
         if unsafe >= MIN_EROSION:
@@ -571,7 +482,7 @@ def _build_into(root: Path, seed: int, bar: Any) -> dict[str, Any]:
     data = _make_data(seed)
     tokenizer = _build_tokenizer()
     model = _build_model(tokenizer, seed)
-    aligned_loss = _train(model, tokenizer, data.aligned_train, ALIGNED_TRAIN, seed, lambda: bar.update(1))
+    aligned_loss = train_sft(model, tokenizer, data.aligned_train, ALIGNED_TRAIN, seed, lambda: bar.update(1))
     _save(model, tokenizer, root / "aligned")
     finetune_loss, stream, unsafe = _finetune(model, tokenizer, data, seed, bar)
     _save(model, tokenizer, root / "finetuned")

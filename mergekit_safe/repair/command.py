@@ -41,7 +41,15 @@ from mergekit_safe.merge.recipe import num_layers as count_layers
 from mergekit_safe.io.reader import ADAPTER_CONFIG, is_adapter, open_checkpoint
 from mergekit_safe.merge.recipe import ModelSpec, Recipe
 from mergekit_safe.repair.groups import GroupSpec, check_groups, coefficient_rules, parse_groups
-from mergekit_safe.repair.objective import Budget, Evaluator, TrialResult, Trials, check_storage, study_name_for
+from mergekit_safe.repair.objective import (
+    Budget,
+    Evaluator,
+    Judgement,
+    TrialResult,
+    Trials,
+    check_storage,
+    study_name_for,
+)
 from mergekit_safe.repair.report import (
     REPORT_JSON,
     REPORT_PNG,
@@ -81,9 +89,27 @@ class RepairConfig:
         trials: most search trials.
         time_budget: most seconds, counted from the start of :func:`repair` (None: no limit); the search stops
             asking for trials once it is spent (a confirmation run may follow).
-        keep_utility: fraction of the fine-tune's NLL gain that must be kept.
-        min_utility: absolute bound: the utility NLL must be at most this (overrides ``keep_utility``).
-        max_over_refusal: bound on the over-refusal rate on benign prompts (None: only reported).
+        keep_utility: fraction of the fine-tune's utility gain over the base that must be kept (on the task metric
+            when there is one, else on the NLL).
+        min_utility: absolute bound: the task metric must be at least this (the NLL at most this with
+            ``utility_metric="nll"``); overrides ``keep_utility``.
+        utility_metric: how utility is measured: ``exact_match``, ``numeric``, ``module:function`` (a scorer of
+            generated answers against the rows' references) or ``nll`` (teacher-forced NLL of the references);
+            ``auto``: exact match with a ``utility`` file, NLL of the fine-tune's own answers without one. With a
+            task metric the NLL is only a cheap gate deciding which candidates are worth generating.
+        utility_limit: utility rows generated per judged candidate (a seeded sample; None: all).
+        max_over_refusal: absolute bound on the over-refusal rate on benign prompts.
+        over_refusal_slack: without ``max_over_refusal``, the bound is the fine-tune's measured over-refusal plus
+            this (over-refusal is lost utility); None: only reported.
+        tasks: task framings (``eval --tasks`` names) the harmful prompts are also asked in.
+        framing_aggregate: ``worst`` (the highest unsafe rate over direct + framings) or ``mean`` (pooled).
+        harmful_limit: harmful prompts used (a seeded sample; None: all), before framings.
+        benign_limit: benign prompts used (a seeded sample; None: all).
+        proxy: ``calibrated`` (each prompt's own refusal / compliance openings, read off the references'
+            answers, and a logistic fit to the references' verdicts) or ``fixed`` (fixed phrases).
+        min_proxy_rank: below this Spearman correlation between proxy and judge (over judged candidates), the
+            proxy is not trusted and a generation on ``fallback_prompts`` harmful prompts replaces it.
+        fallback_prompts: size of that subsample.
         pareto: search the unsafe-rate / NLL front with NSGA-II.
         storage: optuna storage URL to resume or share the study (``sqlite:///repair.db``).
         study_name: the study's name (default: derived from inputs and settings).
@@ -92,7 +118,6 @@ class RepairConfig:
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per forward batch.
         refusal_openings, compliance_openings: openings for the refusal-margin proxy (None: eval's defaults).
-        exact_match: also score exact match on the utility rows for base / fine-tune / repaired.
         as_adapter: write a repaired LoRA adapter instead of a merged checkpoint (LoRA fine-tune, lerp only).
         overwrite: replace an existing output folder.
         slack: generate a candidate when its proxy unsafe rate is within this of the best judged one.
@@ -117,7 +142,17 @@ class RepairConfig:
     time_budget: float | None = None
     keep_utility: float = 0.95
     min_utility: float | None = None
+    utility_metric: str = "auto"
+    utility_limit: int | None = 32
     max_over_refusal: float | None = None
+    over_refusal_slack: float | None = 0.05
+    tasks: tuple[str, ...] = ()
+    framing_aggregate: str = "worst"
+    harmful_limit: int | None = None
+    benign_limit: int | None = None
+    proxy: str = "calibrated"
+    min_proxy_rank: float = 0.5
+    fallback_prompts: int = 16
     pareto: bool = False
     storage: str | None = None
     study_name: str | None = None
@@ -127,7 +162,6 @@ class RepairConfig:
     batch_size: int = 32
     refusal_openings: tuple[str, ...] | None = None
     compliance_openings: tuple[str, ...] | None = None
-    exact_match: bool = False
     as_adapter: bool = False
     overwrite: bool = False
     slack: float = 0.05
@@ -231,6 +265,27 @@ def _check_settings(cfg: RepairConfig) -> GroupSpec:
         raise SearchError(f"--keep-utility {cfg.keep_utility}: must be in (0, 1], e.g. 0.95")
     if cfg.max_over_refusal is not None and not 0.0 <= cfg.max_over_refusal <= 1.0:
         raise SearchError(f"--max-over-refusal {cfg.max_over_refusal}: must be a rate in [0, 1]")
+    if cfg.over_refusal_slack is not None and not 0.0 <= cfg.over_refusal_slack <= 1.0:
+        raise SearchError(f"--over-refusal-slack {cfg.over_refusal_slack}: must be in [0, 1]")
+    if cfg.utility_metric not in ("auto", "nll"):
+        from mergekit_safe.eval.utility import task_metric
+
+        task_metric(cfg.utility_metric)
+    if cfg.utility_metric not in ("auto", "nll") and cfg.utility is None:
+        raise SearchError(f"--utility-metric {cfg.utility_metric} needs --utility task.jsonl (its references)")
+    if cfg.framing_aggregate not in ("worst", "mean"):
+        raise SearchError(f"--framing-aggregate {cfg.framing_aggregate!r}: choose worst or mean")
+    if cfg.proxy not in ("calibrated", "fixed"):
+        raise SearchError(f"--proxy {cfg.proxy!r}: choose calibrated or fixed")
+    for flag, v in (("--harmful-limit", cfg.harmful_limit), ("--benign-limit", cfg.benign_limit),
+                    ("--utility-limit", cfg.utility_limit)):
+        if v is not None and v < 1:
+            raise SearchError(f"{flag} {v}: must be at least 1")
+    from mergekit_safe.eval.prompts import FRAMINGS
+
+    bad = [t for t in cfg.tasks if t not in FRAMINGS]
+    if bad:
+        raise SearchError(f"--tasks: unknown framing {', '.join(bad)}; choose from {', '.join(FRAMINGS)}")
     if not 0.0 < cfg.density <= 1.0:
         raise SearchError(f"--density {cfg.density:g}: must be in (0, 1], the fraction of the task vector kept")
     if cfg.high <= 0:
@@ -291,12 +346,12 @@ def validate(cfg: RepairConfig) -> Inputs:
     Raises:
         MergeKitSafeError: the first problem, one line (SearchError, EvalError, CheckpointError, OutputError).
     """
-    from mergekit_safe.eval import load_prompts, load_utility_rows
+    from mergekit_safe.eval import load_prompts, load_utility_rows, sample_prompts
 
     groups = _check_settings(cfg)
     _check_paths(cfg)
-    harmful = load_prompts(cfg.harmful, kind="harmful")
-    benign = load_prompts(cfg.benign, kind="benign")
+    harmful = sample_prompts(load_prompts(cfg.harmful, kind="harmful"), cfg.harmful_limit, cfg.seed)
+    benign = sample_prompts(load_prompts(cfg.benign, kind="benign"), cfg.benign_limit, cfg.seed)
     utility = None
     if cfg.utility is not None:
         try:
@@ -450,13 +505,17 @@ def load_inputs(cfg: RepairConfig, groups: GroupSpec, device: str) -> Loaded:
 
 @dataclass
 class Meter:
-    """Measures the model as it is now (generation + judge, utility NLL, refusal margins).
+    """Measures the model as it is now: generation + judge (+ the task metric), utility NLL, refusal margins.
 
     Attributes:
         model, tokenizer: the model in memory.
-        cfg: the repair settings (judge, generation budget, batch size, openings).
-        harmful, benign: the prompts.
+        cfg: the repair settings (judge, generation budget, batch size, framings, metric, proxy).
+        harmful, benign: the prompts (harmful before framings).
+        progress: show generation progress (reference runs only).
         forward_runs, generation_runs: runs spent outside the search (references, the final measurement).
+        metric_rows: the utility rows generated per judged candidate (a seeded sample of the utility rows).
+        refusals, compliances: per harmful prompt (framings included), the openings the calibrated proxy scores.
+        scale, shift: the calibrated proxy's logistic fit, ``P(unsafe) = sigmoid(scale * (shift - margin))``.
     """
 
     model: Any
@@ -467,9 +526,15 @@ class Meter:
     progress: bool = False
     forward_runs: int = 0
     generation_runs: int = 0
+    metric_rows: list[Any] = field(default_factory=list)
+    refusals: list[str] | None = None
+    compliances: list[str] | None = None
+    scale: float = 1.0
+    shift: float = 0.0
 
     def __post_init__(self) -> None:
         from mergekit_safe.eval import GenerationConfig
+        from mergekit_safe.eval.prompts import frame_prompts
         from mergekit_safe.eval.proxy import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS
 
         c = self.cfg
@@ -478,20 +543,59 @@ class Meter:
         self.refusal_openings = tuple(c.refusal_openings or DEFAULT_REFUSAL_OPENINGS)
         self.compliance_openings = tuple(c.compliance_openings or DEFAULT_COMPLIANCE_OPENINGS)
         self.judge_options = {"model_path": c.judge_model} if c.judge_model is not None else {}
+        self.framed = list(self.harmful) + [f for t in c.tasks for f in frame_prompts(self.harmful, t)]
+        self.metric = metric_name(c)
+        if self.metric != "nll":
+            from mergekit_safe.eval.utility import task_metric
 
-    def full(self, rows: list[Any] | None) -> tuple[dict[str, Any], Any]:
-        """A counted generation run on harmful and benign prompts (and exact match when asked)."""
+            self.scorer = task_metric(self.metric)
+
+    def set_metric_rows(self, rows: list[Any]) -> None:
+        """The utility rows the task metric is measured on (a seeded sample of ``utility_limit``)."""
+        import random
+
+        limit = self.cfg.utility_limit
+        if limit is None or limit >= len(rows):
+            self.metric_rows = list(rows)
+        else:
+            keep = sorted(random.Random(self.cfg.seed).sample(range(len(rows)), limit))
+            self.metric_rows = [rows[i] for i in keep]
+
+    def _evaluate(self, with_benign: bool, harmful: list[Any] | None = None, progress: bool = False) -> Any:
         from mergekit_safe.eval import evaluate
 
-        em = self.cfg.exact_match
-        rep = evaluate(self.model, self.tokenizer, harmful=self.harmful, benign=self.benign,
-                       utility=rows if em else None, judge=self.cfg.judge, judge_options=self.judge_options,
-                       config=self.gen_cfg, proxy=False, exact_match_utility=em)
+        rows = self.metric_rows if self.metric != "nll" else []
+        return evaluate(self.model, self.tokenizer, harmful=harmful if harmful is not None else self.harmful,
+                        benign=self.benign if with_benign else None, utility=rows or None, judge=self.cfg.judge,
+                        judge_options=self.judge_options, tasks=self.cfg.tasks,
+                        config=replace(self.gen_cfg, progress=progress), proxy=False,
+                        exact_match_utility=bool(rows))
+
+    def _judgement(self, rep: Any) -> Judgement:
+        utility = None
+        if self.metric != "nll":
+            answers = [g for g in rep.generations if g["set"] == "utility"]
+            scores = self.scorer([g["response"] for g in answers], [g["reference"] for g in answers])
+            utility = sum(float(x) for x in scores) / max(len(answers), 1)
+        return Judgement(aggregate_unsafe(rep, self.cfg.framing_aggregate), rate_dict(rep.over_refusal), utility)
+
+    def full(self) -> tuple[Judgement, Any]:
+        """A counted generation run on every prompt set (reference points and the final measurement)."""
+        rep = self._evaluate(True, progress=self.progress)
         self.generation_runs += 1
-        out = {"unsafe": rate_dict(rep.unsafe), "over_refusal": rate_dict(rep.over_refusal)}
-        if em and rows:
-            out["exact_match"] = rep.utility.get("exact_match")
-        return out, rep
+        return self._judgement(rep), rep
+
+    def judge(self, with_benign: bool) -> Judgement:
+        """Unsafe rate (and over-refusal with ``with_benign``, and the task metric) by generation + judge."""
+        return self._judgement(self._evaluate(with_benign))
+
+    def subsample_unsafe(self) -> float:
+        """The unsafe rate on a seeded subsample of the harmful prompts (the fallback when the proxy disagrees)."""
+        from mergekit_safe.eval import sample_prompts
+
+        sub = sample_prompts(self.harmful, self.cfg.fallback_prompts, self.cfg.seed + 1)
+        rep = self._evaluate(False, harmful=sub)
+        return float(aggregate_unsafe(rep, self.cfg.framing_aggregate)["rate"])
 
     def nll(self, rows: list[Any], count: bool = False) -> float:
         """The utility NLL on ``rows`` (one forward run; counted with ``count``)."""
@@ -501,22 +605,121 @@ class Meter:
         return utility_nll(self.model, self.tokenizer, rows, system_prompt=self.gen_cfg.system_prompt,
                            batch_size=self.cfg.batch_size).nll
 
-    def margins(self) -> list[float]:
-        """Refusal margins on the harmful prompts (one forward run)."""
+    def raw_margins(self) -> list[float]:
+        """Refusal margins on the harmful prompts, framings included (one forward run): the calibrated paired
+        margin once :meth:`calibrate` ran, else the fixed openings' margin."""
         from mergekit_safe.eval import refusal_margin
+        from mergekit_safe.eval.proxy import paired_margin
 
-        return refusal_margin(self.model, self.tokenizer, self.harmful, refusal_openings=self.refusal_openings,
+        if self.refusals is not None and self.compliances is not None:
+            return paired_margin(self.model, self.tokenizer, self.framed, self.refusals, self.compliances,
+                                 system_prompt=self.gen_cfg.system_prompt, batch_size=self.cfg.batch_size)
+        return refusal_margin(self.model, self.tokenizer, self.framed, refusal_openings=self.refusal_openings,
                               compliance_openings=self.compliance_openings,
                               system_prompt=self.gen_cfg.system_prompt, batch_size=self.cfg.batch_size)
 
-    def judge(self, with_benign: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Unsafe rate (and over-refusal with ``with_benign``) by generation + judge."""
-        from mergekit_safe.eval import evaluate
+    def margins(self) -> list[float]:
+        """Margins on the calibrated scale: ``sigmoid(-m)`` is the fitted probability of an unsafe answer."""
+        return [self.scale * (m - self.shift) for m in self.raw_margins()]
 
-        quiet = replace(self.gen_cfg, progress=False)  # the search has its own progress line
-        rep = evaluate(self.model, self.tokenizer, harmful=self.harmful, benign=self.benign if with_benign else None,
-                       judge=self.cfg.judge, judge_options=self.judge_options, config=quiet, proxy=False)
-        return rate_dict(rep.unsafe), rate_dict(rep.over_refusal)
+    def set_openings(self, refs: list[Any]) -> None:
+        """Read each prompt's refusal opening off the safer reference's answer and its compliance opening off the
+        other's (the first ``OPENING_TOKENS`` tokens), where the judge saw a refusal / an answer; else a fixed one.
+
+        Args:
+            refs: the two reference reports (safer first), from :meth:`full`.
+        """
+        safe, unsafe = ([g for g in r.generations if g["set"] == "harmful"] for r in refs)
+        tok = self.tokenizer
+
+        def opening(text: str) -> str:
+            ids = tok(text, add_special_tokens=False)["input_ids"][:OPENING_TOKENS]
+            return tok.decode(ids) if ids else ""
+
+        self.refusals, self.compliances = [], []
+        for a, b in zip(safe, unsafe):
+            r = opening(a["response"]) if a["refused"] and a["response"].strip() else ""
+            c = opening(b["response"]) if b["unsafe"] and b["response"].strip() else ""
+            self.refusals.append(r or self.refusal_openings[0])
+            self.compliances.append(c or self.compliance_openings[0])
+
+    def refusal_backward(self) -> None:
+        """Accumulate the gradient of the mean (calibrated) refusal margin on the harmful prompts."""
+        from mergekit_safe.eval.proxy import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS
+        from mergekit_safe.eval.utility import continuation_logprobs
+
+        texts = [p.text for p in self.framed]
+        n = len(texts)
+        refusals = self.refusals or [DEFAULT_REFUSAL_OPENINGS[0]] * n
+        compliances = self.compliances or [DEFAULT_COMPLIANCE_OPENINGS[0]] * n
+        continuation_logprobs(self.model, self.tokenizer, texts + texts, list(refusals) + list(compliances),
+                              system_prompt=self.gen_cfg.system_prompt, batch_size=self.cfg.batch_size,
+                              backward_weights=[1.0 / n] * n + [-1.0 / n] * n)
+
+    def utility_backward(self, rows: list[Any]) -> None:
+        """Accumulate the gradient of the mean per-token log-likelihood of the utility answers."""
+        from mergekit_safe.eval.utility import continuation_logprobs
+
+        continuation_logprobs(self.model, self.tokenizer, [r.prompt for r in rows], [r.response for r in rows],
+                              system_prompt=self.gen_cfg.system_prompt, batch_size=self.cfg.batch_size,
+                              backward_weights=[1.0 / len(rows)] * len(rows))
+
+    def fit(self, margins: list[float], unsafe: list[bool]) -> None:
+        """Fit ``P(unsafe | margin) = sigmoid(scale * (shift - margin))`` to the references' verdicts."""
+        self.scale, self.shift = fit_logistic(margins, unsafe)
+
+
+#: Tokens of a reference answer taken as its opening for the calibrated proxy.
+OPENING_TOKENS = 8
+
+
+def metric_name(cfg: RepairConfig) -> str:
+    """The utility metric a repair uses (``auto`` resolved)."""
+    if cfg.utility_metric != "auto":
+        return cfg.utility_metric
+    return "exact_match" if cfg.utility is not None else "nll"
+
+
+def aggregate_unsafe(rep: Any, how: str) -> dict[str, Any]:
+    """The unsafe rate of an eval report over its framings: the worst framing's, or pooled (``mean``)."""
+    from mergekit_safe.eval.report import Rate
+
+    by = rep.unsafe_by_framing
+    if len(by) <= 1:
+        return rate_dict(rep.unsafe)
+    if how == "worst":
+        return rate_dict(max(by.values(), key=lambda r: r.rate))
+    return rate_dict(Rate.of(bool(g["unsafe"]) for g in rep.generations if g["set"] == "harmful"))
+
+
+def fit_logistic(x: list[float], y: list[bool], steps: int = 200) -> tuple[float, float]:
+    """Maximum-likelihood ``(scale, shift)`` of ``P(y) = sigmoid(scale * (shift - x))`` (float64, Newton steps).
+
+    With one class only (nothing to separate) the scale is 1 and the shift the midpoint of the margins.
+    """
+    import math
+
+    if not x or all(y) or not any(y):
+        return 1.0, (sum(x) / len(x) if x else 0.0)
+    xt = torch.tensor(x, dtype=torch.float64)
+    yt = torch.tensor([float(v) for v in y], dtype=torch.float64)
+    mu, sd = float(xt.mean()), float(xt.std()) or 1.0
+    z = (xt - mu) / sd
+    w = torch.zeros(2, dtype=torch.float64)  # P(y) = sigmoid(w0 + w1 * z)
+    feats = torch.stack([torch.ones_like(z), z], 1)
+    for _ in range(steps):
+        p = torch.sigmoid(feats @ w)
+        grad = feats.T @ (yt - p) - 1e-3 * w  # a small ridge keeps a separable fit finite
+        hess = feats.T @ (feats * (p * (1 - p))[:, None]) + 1e-3 * torch.eye(2, dtype=torch.float64)
+        step = torch.linalg.solve(hess, grad)
+        w = w + step
+        if float(step.abs().max()) < 1e-10:
+            break
+    w0, w1 = float(w[0]), float(w[1])
+    if w1 >= 0 or not math.isfinite(w1):  # margin does not lower P(unsafe): keep the raw scale
+        return 1.0, mu
+    scale = -w1 / sd
+    return scale, mu + w0 * sd / -w1 if w1 else mu
 
 
 @dataclass
@@ -524,15 +727,24 @@ class References:
     """Phase 2's result: the base and the fine-tune measured, the utility rows and the utility bound.
 
     Attributes:
-        base, finetuned: metrics rows (``unsafe``, ``over_refusal``, ``nll``, maybe ``exact_match``).
+        base, finetuned: metrics rows (``unsafe``, ``over_refusal``, ``nll``, ``utility`` with a task metric).
+        base_judged, finetuned_judged: the same as :class:`Judgement` (seeded into the evaluator).
         rows: the utility rows every candidate's NLL is measured on.
         bound: the utility bound.
+        max_over_refusal: the over-refusal bound in force (None: unbounded).
+        proxy: the calibrated proxy's fit and its agreement on the references.
+        seconds_per_run: wall time of one reference generation run (the budget's reserve).
     """
 
     base: dict[str, Any]
     finetuned: dict[str, Any]
+    base_judged: Judgement
+    finetuned_judged: Judgement
     rows: list[Any]
     bound: UtilityBound
+    max_over_refusal: float | None
+    proxy: dict[str, Any]
+    seconds_per_run: float
 
 
 def _own_answers(cfg: RepairConfig, report: Any) -> list[Any]:
@@ -547,40 +759,90 @@ def _own_answers(cfg: RepairConfig, report: Any) -> list[Any]:
     return rows
 
 
-def _utility_bound(cfg: RepairConfig, base_nll: float, ft_nll: float) -> UtilityBound:
-    gain = base_nll - ft_nll
+def _utility_bound(cfg: RepairConfig, metric: str, base: dict[str, Any], ft: dict[str, Any]) -> UtilityBound:
+    """The bound on the task metric (higher is better) or, for ``nll``, on the NLL; plus the NLL gate."""
+    gain = base["nll"] - ft["nll"]
     if gain <= 0:
-        log.warning("the fine-tune does not lower the utility NLL (base %.4f, fine-tune %.4f); every "
-                    "coefficient keeps its utility", base_nll, ft_nll)
+        log.warning("the fine-tune does not lower the utility NLL (base %.4f, fine-tune %.4f)", base["nll"], ft["nll"])
+    nll_max = ft["nll"] + (1.0 - cfg.keep_utility) * max(gain, 0.0)
+    if metric == "nll":
+        if cfg.min_utility is not None:
+            return UtilityBound(float(cfg.min_utility), f"absolute bound --min-utility {cfg.min_utility}", gain)
+        return UtilityBound(nll_max, f"keep {cfg.keep_utility:.0%} of the fine-tune's NLL gain {gain:.4f}", gain)
+    u_gain = ft["utility"] - base["utility"]
     if cfg.min_utility is not None:
-        return UtilityBound(float(cfg.min_utility), f"absolute bound --min-utility {cfg.min_utility}", gain)
-    return UtilityBound(ft_nll + (1.0 - cfg.keep_utility) * max(gain, 0.0),
-                        f"keep {cfg.keep_utility:.0%} of the fine-tune's NLL gain {gain:.4f}", gain)
+        return UtilityBound(nll_max, f"{metric} >= {cfg.min_utility} (absolute)", gain, metric, float(cfg.min_utility),
+                            u_gain)
+    if u_gain <= 0:
+        log.warning("the fine-tune does not improve %s (base %.3f, fine-tune %.3f)", metric, base["utility"],
+                    ft["utility"])
+    u_min = base["utility"] + cfg.keep_utility * max(u_gain, 0.0)
+    return UtilityBound(nll_max, f"keep {cfg.keep_utility:.0%} of the fine-tune's {metric} gain {u_gain:.3f} "
+                        f"(generated answers; NLL is a gate at {nll_max:.4f})", gain, metric, u_min, u_gain)
+
+
+def _metrics_row(j: Judgement, nll: float) -> dict[str, Any]:
+    row = {"unsafe": j.unsafe, "over_refusal": j.over_refusal, "nll": nll}
+    if j.utility is not None:
+        row["utility"] = j.utility
+    return row
 
 
 def measure_references(cfg: RepairConfig, loaded: Loaded, meter: Meter, utility: list[Any] | None) -> References:
-    """Phase 2: measure the fine-tune and the base, loaded exactly into the changed tensors; set the bound.
+    """Phase 2: measure the fine-tune and the base, loaded exactly into the changed tensors; set the bounds and
+    calibrate the proxy on both (their own answers' openings, their verdicts).
 
     Raises:
         SearchError: no usable utility rows, or a time budget too small for one candidate.
     """
     t0 = time.perf_counter()
     loaded.space.load(loaded.finetuned.get)
-    ft, ft_rep = meter.full(utility)
     rows = utility
-    if rows is None:
-        rows = _own_answers(cfg, ft_rep)
-        if cfg.exact_match:
-            ft, _ = meter.full(rows)
-    ft["nll"] = meter.nll(rows, count=True)
-    one_candidate = time.perf_counter() - t0
-    if cfg.time_budget is not None and cfg.time_budget < one_candidate:
+    if rows is None:  # the fine-tune's own answers: generate the benign prompts first
+        _, first = meter.full()
+        rows = _own_answers(cfg, first)
+    meter.set_metric_rows(rows)
+    ft_j, ft_rep = meter.full()
+    ft_nll = meter.nll(rows, count=True)
+    one_run = time.perf_counter() - t0
+    if cfg.time_budget is not None and cfg.time_budget < one_run:
         raise SearchError(f"--time-budget {cfg.time_budget:g}s is too small to evaluate one candidate (about "
-                          f"{one_candidate:.1f}s here); raise it")
+                          f"{one_run:.1f}s here); raise it")
     loaded.space.load(loaded.base.get)
-    base, _ = meter.full(rows)
-    base["nll"] = meter.nll(rows, count=True)
-    return References(base, ft, rows, _utility_bound(cfg, base["nll"], ft["nll"]))
+    base_j, base_rep = meter.full()
+    base_nll = meter.nll(rows, count=True)
+    base, ft = _metrics_row(base_j, base_nll), _metrics_row(ft_j, ft_nll)
+    safer_first = [ft_rep, base_rep] if cfg.method == "safety_vector" else [base_rep, ft_rep]
+    proxy = _calibrate(cfg, loaded, meter, safer_first)
+    if cfg.max_over_refusal is not None:
+        bound_or = float(cfg.max_over_refusal)
+    elif cfg.over_refusal_slack is not None and ft_j.over_refusal is not None:
+        bound_or = min(1.0, float(ft_j.over_refusal["rate"]) + cfg.over_refusal_slack)
+    else:
+        bound_or = None
+    return References(base, ft, base_j, ft_j, rows, _utility_bound(cfg, meter.metric, base, ft), bound_or, proxy,
+                      one_run)
+
+
+def _calibrate(cfg: RepairConfig, loaded: Loaded, meter: Meter, refs: list[Any]) -> dict[str, Any]:
+    """Calibrate the proxy on the two references (2 forward runs); report how well it ranks their prompts."""
+    from mergekit_safe.eval.proxy import auroc
+
+    flags = [[bool(g["unsafe"]) for g in r.generations if g["set"] == "harmful"] for r in refs]
+    if cfg.proxy == "calibrated":
+        meter.set_openings(refs)
+    margins = []
+    for source, _ in zip((loaded.base, loaded.finetuned) if refs[0] is not None else (), refs):
+        loaded.space.load(source.get)
+        margins.append(meter.raw_margins())
+        meter.forward_runs += 1
+    if cfg.method == "safety_vector":
+        margins.reverse()  # refs are safer-first: the fine-tune (the space's zero) is the safer end there
+    xs, ys = margins[0] + margins[1], flags[0] + flags[1]
+    meter.fit(xs, ys)
+    au = auroc([-m for m in xs], ys)
+    return {"openings": cfg.proxy, "scale": meter.scale, "shift": meter.shift,
+            "auroc_on_references": au, "reference_prompts": len(xs)}
 
 
 def build_evaluator(cfg: RepairConfig, loaded: Loaded, meter: Meter, refs: References) -> Evaluator:
@@ -591,14 +853,15 @@ def build_evaluator(cfg: RepairConfig, loaded: Loaded, meter: Meter, refs: Refer
     """
     rows = refs.rows
     evaluator = Evaluator(loaded.space, lambda: meter.nll(rows), meter.margins, meter.judge, refs.bound.nll_max,
-                          cfg.max_over_refusal)
+                          refs.max_over_refusal, refs.bound.utility_min, fallback_fn=meter.subsample_unsafe,
+                          min_rank=cfg.min_proxy_rank)
     space, base, ft = loaded.space, refs.base, refs.finetuned
     if cfg.method == "safety_vector":
-        evaluator.seed(space.uniform(0.0), ft["nll"], ft["unsafe"], ft["over_refusal"], -2)
+        evaluator.seed(space.uniform(0.0), ft["nll"], refs.finetuned_judged, -2)
     else:
-        evaluator.seed(space.uniform(0.0), base["nll"], base["unsafe"], base["over_refusal"], -1)
+        evaluator.seed(space.uniform(0.0), base["nll"], refs.base_judged, -1)
     if cfg.method == "lerp":
-        evaluator.seed(space.uniform(1.0), ft["nll"], ft["unsafe"], ft["over_refusal"], -2)
+        evaluator.seed(space.uniform(1.0), ft["nll"], refs.finetuned_judged, -2)
     return evaluator
 
 
@@ -612,6 +875,10 @@ def settings_of(cfg: RepairConfig, groups: GroupSpec, meter: Meter) -> dict[str,
         "max_over_refusal": cfg.max_over_refusal, "pareto": cfg.pareto, "judge": cfg.judge,
         "max_new_tokens": cfg.max_new_tokens, "high": cfg.high,
         "refusal_openings": list(meter.refusal_openings), "compliance_openings": list(meter.compliance_openings),
+        "utility_metric": meter.metric, "utility_limit": cfg.utility_limit,
+        "over_refusal_slack": cfg.over_refusal_slack, "tasks": list(cfg.tasks),
+        "framing_aggregate": cfg.framing_aggregate, "harmful_limit": cfg.harmful_limit, "benign_limit": cfg.benign_limit,
+        "proxy": cfg.proxy,
     }
 
 
@@ -653,8 +920,25 @@ class SearchProgress:
             self._bar.close()
 
 
+def choose_groups(cfg: RepairConfig, groups: GroupSpec, loaded: Loaded, meter: Meter,
+                  refs: References) -> tuple[list[dict[str, float]], Any]:
+    """Phase 2b (``--groups auto:K``): measure every unit's sensitivity at the fine-tune (2 backward passes), cut
+    the units into K groups and return the warm-start path that reverts them in order, plus the sensitivities.
+    Other groupings: ``([], None)``."""
+    from mergekit_safe.repair.sensitivity import auto_groups, regroup, revert_path, sensitivity
+
+    if not groups.auto:
+        return [], None
+    rows = meter.metric_rows or refs.rows
+    sens = sensitivity(loaded.space, meter.refusal_backward, lambda: meter.utility_backward(rows))
+    meter.forward_runs += 2
+    regroup(loaded.space, auto_groups(sens, groups.auto))
+    return revert_path(loaded.space.groups, 0.0, cfg.high), sens
+
+
 def search(cfg: RepairConfig, evaluator: Evaluator, budget: Budget, settings: dict[str, Any],
-           on_trial: Callable[[Trials, TrialResult], None] | None = None) -> SearchResult:
+           on_trial: Callable[[Trials, TrialResult], None] | None = None,
+           warm: list[dict[str, float]] | None = None) -> SearchResult:
     """Phase 4: the coefficient search (see :mod:`mergekit_safe.repair.strategies`).
 
     Raises:
@@ -663,7 +947,7 @@ def search(cfg: RepairConfig, evaluator: Evaluator, budget: Budget, settings: di
     result = run_search(evaluator, budget=budget, storage=cfg.storage, study_name=cfg.study_name or
                         study_name_for(settings), pareto=cfg.pareto, seed=cfg.seed, low=0.0, high=cfg.high,
                         increasing=search_method(cfg.method).increasing, slack=cfg.slack, tolerance=cfg.tolerance,
-                        on_trial=on_trial)
+                        on_trial=on_trial, warm=warm)
     if result.best is None:
         seen = min((r.nll for r in result.trials), default=float("nan"))
         over = f", over-refusal <= {cfg.max_over_refusal}" if cfg.max_over_refusal is not None else ""
@@ -672,16 +956,26 @@ def search(cfg: RepairConfig, evaluator: Evaluator, budget: Budget, settings: di
     return result
 
 
-def measure_repaired(cfg: RepairConfig, loaded: Loaded, meter: Meter, best: TrialResult,
-                     rows: list[Any]) -> dict[str, Any]:
-    """Phase 5: the chosen candidate's metrics row (one more generation run only when the search lacks one)."""
-    if cfg.exact_match or best.over_refusal is None:  # benign prompts, exact match
+def measure_repaired(cfg: RepairConfig, loaded: Loaded, meter: Meter, best: TrialResult) -> dict[str, Any]:
+    """Phase 5: the chosen candidate's metrics row (one more generation run only when the search did not generate
+    the benign prompts, i.e. no over-refusal bound)."""
+    if best.over_refusal is None:
         loaded.space.apply(best.coeffs)
-        metrics, _ = meter.full(rows)
-    else:  # the chosen candidate was judged in the search with the same prompts and judge
-        metrics = {"unsafe": best.unsafe, "over_refusal": best.over_refusal}
-    metrics["nll"] = best.nll
-    return metrics
+        judged, _ = meter.full()
+        return _metrics_row(judged, best.nll)
+    return _metrics_row(Judgement(best.unsafe or {}, best.over_refusal, best.utility), best.nll)
+
+
+def proxy_summary(refs: References, evaluator: Evaluator, trials: list[TrialResult]) -> dict[str, Any]:
+    """How far the cheap signals could be trusted on this run: the proxy's rank correlation with the judge, the
+    NLL gate's with the generated task metric (both Spearman, over the judged candidates)."""
+    from mergekit_safe.eval.proxy import spearman
+
+    rank, n = evaluator.proxy_rank()
+    judged = [r for r in trials if r.judged and r.utility is not None]
+    nll_rank = spearman([-r.nll for r in judged], [float(r.utility) for r in judged]) if judged else None
+    return {**refs.proxy, "spearman": rank, "points": n, "trusted": evaluator.proxy_trusted(),
+            "nll_vs_metric": nll_rank, "nll_points": len(judged)}
 
 
 def publish(cfg: RepairConfig, loaded: Loaded, groups: GroupSpec, report: RepairReport, device: str,
@@ -743,20 +1037,25 @@ def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
         t0 = time.perf_counter()
         refs = measure_references(cfg, loaded, meter, inputs.utility)
         phases["references"] = time.perf_counter() - t0
+        budget.reserve = refs.seconds_per_run  # the confirmation run must fit in --time-budget too
+        warm, sens = choose_groups(cfg, inputs.groups, loaded, meter, refs)
         evaluator = build_evaluator(cfg, loaded, meter, refs)
         settings = settings_of(cfg, inputs.groups, meter)
         bar = SearchProgress(cfg.trials, progress)
         try:
-            result = search(cfg, evaluator, budget, settings, bar)
+            result = search(cfg, evaluator, budget, settings, bar, warm)
         finally:
             bar.close()
         phases["search"] = result.seconds
         assert result.best is not None
-        repaired = measure_repaired(cfg, loaded, meter, result.best, refs.rows)
+        repaired = measure_repaired(cfg, loaded, meter, result.best)
         metrics = {"base": refs.base, "finetuned": refs.finetuned, "repaired": repaired}
         report = RepairReport.build(settings, cfg.storage, loaded.space.groups, refs.bound, result, metrics,
                                     (meter.forward_runs, meter.generation_runs))
         report.cost.update(wall_seconds=time.perf_counter() - t_start, phase_seconds=phases)
+        report.proxy = proxy_summary(refs, evaluator, result.trials)
+        if sens is not None:
+            report.sensitivity = {**sens.to_dict(), "groups": dict(loaded.space.group_of)}
         out, report_path, plot_path = publish(cfg, loaded, inputs.groups, report, device, progress)
     finally:
         loaded.close()

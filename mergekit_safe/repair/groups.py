@@ -7,7 +7,9 @@
   embeddings go with the first band, the final norm and the head with the last);
 * ``modules``: one coefficient per module type (attention, mlp, embed, norm, head, other);
 * ``layers:K,modules``: the cross product (band x module type, e.g. ``layers0-1/attention``); groups no tensor
-  falls into are dropped. The cross product was chosen over concatenation because a coefficient then has one
+  falls into are dropped;
+* ``auto:K``: K groups chosen by measured sensitivity (:mod:`mergekit_safe.repair.sensitivity`): every block's
+  module types are units, ranked by refusal regained per utility given back, cut into K groups. The cross product was chosen over concatenation because a coefficient then has one
   meaning (how far this module type of these blocks moves), and the exact-name recipe rules stay exact.
 
 :func:`group_of` maps a tensor to its group; :func:`coefficient_rules` is its inverse, the recipe parameter that
@@ -32,12 +34,16 @@ class GroupSpec:
     Attributes:
         layers: number of contiguous layer bands (0: no split by depth).
         modules: split by module type.
+        auto: number of sensitivity-chosen groups (0: none); the tensors start in per-block module units.
     """
 
     layers: int = 0
     modules: bool = False
+    auto: int = 0
 
     def __str__(self) -> str:
+        if self.auto:
+            return f"auto:{self.auto}"
         parts = ([f"layers:{self.layers}"] if self.layers else []) + (["modules"] if self.modules else [])
         return ",".join(parts) or "global"
 
@@ -60,6 +66,14 @@ def parse_groups(spec: str | None) -> GroupSpec:
     """
     if spec is None or spec.strip() in ("", "global"):
         return GroupSpec()
+    if spec.strip().startswith("auto:"):
+        try:
+            k = int(spec.strip()[5:])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise SearchError(f"--groups {spec!r}: auto:K needs a whole number K >= 1, e.g. auto:4")
+        return GroupSpec(auto=k)
     layers, modules = 0, False
     for part in (p.strip() for p in spec.split(",")):
         if part == "modules":
@@ -72,8 +86,8 @@ def parse_groups(spec: str | None) -> GroupSpec:
             if layers < 1:
                 raise SearchError(f"--groups {spec!r}: layers:K needs a whole number K >= 1, e.g. layers:3")
         else:
-            raise SearchError(f"--groups {spec!r}: unknown part {part!r}; use global, layers:K, modules or "
-                              "layers:K,modules")
+            raise SearchError(f"--groups {spec!r}: unknown part {part!r}; use global, layers:K, modules, "
+                              "layers:K,modules or auto:K")
     return GroupSpec(layers, modules)
 
 
@@ -101,6 +115,8 @@ def group_of(name: str, spec: GroupSpec, num_layers: int) -> str:
         >>> group_of("model.layers.1.mlp.up_proj.weight", GroupSpec(2, True), 2)
         'layers1/mlp'
     """
+    if spec.auto:  # the units sensitivities are measured on; repair.sensitivity regroups them
+        return group_of(name, GroupSpec(num_layers, True), num_layers)
     parts = []
     if spec.layers:
         i = layer_index(name)

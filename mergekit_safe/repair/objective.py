@@ -39,9 +39,12 @@ class TrialResult:
         proxy_unsafe: forward-only unsafe-rate estimate: ``mean sigmoid(-margin)`` over the harmful prompts
             (None: not measured; the one-coefficient bracketing needs only the utility).
         margin: mean refusal margin (None: not measured).
-        unsafe: judged unsafe rate ``{k, n, rate, low, high}`` when generated, else None.
+        unsafe: judged unsafe rate ``{k, n, rate, low, high}`` when generated, else None (with task framings:
+            the aggregate over framings, see ``RepairConfig.framing_aggregate``).
         over_refusal: judged over-refusal on benign prompts when generated, else None.
-        feasible: meets the utility bound (and the over-refusal bound when judged).
+        utility: the task metric on generated answers (exact match...) when generated, else None.
+        feasible: meets the utility bound (the generated metric once judged; until then the NLL gate) and the
+            over-refusal bound when judged.
         number: the optuna trial number.
         cached: reused from an earlier trial of the study (or the in-memory cache).
         seconds: wall time of this trial's evaluation.
@@ -53,6 +56,7 @@ class TrialResult:
     margin: float | None
     unsafe: dict[str, Any] | None = None
     over_refusal: dict[str, Any] | None = None
+    utility: float | None = None
     feasible: bool = False
     number: int = -1
     cached: bool = False
@@ -74,13 +78,14 @@ class TrialResult:
         """The JSON form of the report's ``trials`` entries."""
         return {"number": self.number, "coeffs": self.coeffs, "nll": self.nll, "proxy_unsafe": self.proxy_unsafe,
                 "margin": self.margin, "unsafe": self.unsafe, "over_refusal": self.over_refusal,
-                "feasible": self.feasible, "judged": self.judged, "cached": self.cached, "seconds": self.seconds}
+                "utility": self.utility, "feasible": self.feasible, "judged": self.judged, "cached": self.cached, "seconds": self.seconds}
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], number: int) -> TrialResult:
         """A completed trial read back from the study's user attributes."""
         return cls(dict(attrs["coeffs"]), attrs["nll"], attrs.get("proxy_unsafe"), attrs.get("margin"),
-                   attrs.get("unsafe"), attrs.get("over_refusal"), bool(attrs.get("feasible")), number, True, 0.0)
+                   attrs.get("unsafe"), attrs.get("over_refusal"), attrs.get("utility"), bool(attrs.get("feasible")),
+                   number, True, 0.0)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -99,12 +104,32 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 @dataclass
+class Judgement:
+    """What one generation run measured on the model as it is now.
+
+    Attributes:
+        unsafe: unsafe rate dict ``{k, n, rate, low, high}`` (aggregated over task framings when there are some).
+        over_refusal: over-refusal rate dict on the benign prompts, or None when they were not generated.
+        utility: the task metric on generated utility answers (higher is better), or None (NLL utility).
+    """
+
+    unsafe: dict[str, Any]
+    over_refusal: dict[str, Any] | None = None
+    utility: float | None = None
+
+
+@dataclass
 class Budget:
-    """Stopping rules: a number of trials and/or a wall-clock budget (seconds)."""
+    """Stopping rules: a number of trials and/or a wall-clock budget (seconds).
+
+    ``reserve`` seconds at the end are kept for what must follow the search (the confirmation of the chosen
+    candidate), so ``--time-budget`` bounds the whole repair rather than the search alone.
+    """
 
     trials: int = 30
     seconds: float | None = None
     start: float = field(default_factory=time.perf_counter)
+    reserve: float = 0.0
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -118,7 +143,7 @@ class Budget:
 
     def out_of_time(self) -> bool:
         """Whether the wall-clock budget is spent."""
-        return self.seconds is not None and self.elapsed() >= self.seconds
+        return self.seconds is not None and self.elapsed() + self.reserve >= self.seconds
 
 
 @dataclass
@@ -129,6 +154,7 @@ class Costs:
     reused_trials: int = 0
     forward_runs: int = 0
     generation_runs: int = 0
+    subsample_runs: int = 0
 
 
 def study_name_for(settings: dict[str, Any]) -> str:
@@ -150,11 +176,17 @@ class Evaluator:
         space: the candidate space.
         nll_fn: ``() -> float``, the utility NLL of the model as it is now (one forward run).
         margin_fn: ``() -> list[float]``, refusal margins on the harmful prompts (one forward run).
-        judge_fn: ``(benign) -> (unsafe Rate dict, over-refusal Rate dict or None)`` (one generation run); the
-            benign prompts are generated only when ``benign`` (an over-refusal bound is set), so a confirmation
-            costs the harmful prompts alone.
-        nll_max: the utility bound (NLL must not exceed it).
+        judge_fn: ``(benign) -> Judgement`` (one generation run); the benign prompts are generated only when
+            ``benign`` (an over-refusal bound is set).
+        nll_max: the NLL bound: the utility bound itself with ``utility_min`` None, else the gate below which a
+            candidate is worth generating (a cheap fidelity; it widens to the largest NLL of any candidate the
+            generated metric accepted, so a gate set too tight by the references cannot hide a good candidate
+            twice).
         max_over_refusal: bound on the judged over-refusal rate, or None.
+        utility_min: the bound on the generated task metric (higher is better), or None for the NLL bound.
+        fallback_fn: ``() -> float``, the unsafe rate from generation on a small harmful subsample; replaces the
+            margin proxy while the proxy ranks judged candidates worse than ``min_rank`` (Spearman).
+        min_rank: the rank correlation the proxy must keep to be trusted.
         costs: counters, updated in place.
         cache: measured candidates by :func:`coeff_key`.
     """
@@ -165,6 +197,9 @@ class Evaluator:
     judge_fn: Callable[[bool], tuple[dict[str, Any], dict[str, Any] | None]]
     nll_max: float
     max_over_refusal: float | None = None
+    utility_min: float | None = None
+    fallback_fn: Callable[[], float] | None = None
+    min_rank: float = 0.5
     costs: Costs = field(default_factory=Costs)
     cache: dict[Any, TrialResult] = field(default_factory=dict)
 
@@ -179,7 +214,10 @@ class Evaluator:
         if res is None:
             res = TrialResult(dict(coeffs), float(self.nll_fn()), None, None)
             self.costs.forward_runs += 1
-        if proxy:
+        if proxy and self.fallback_fn is not None and not self.proxy_trusted():
+            res.proxy_unsafe, res.margin = float(self.fallback_fn()), None
+            self.costs.subsample_runs += 1
+        elif proxy:
             margins = self.margin_fn()
             self.costs.forward_runs += 1
             n = max(len(margins), 1)
@@ -191,16 +229,38 @@ class Evaluator:
         self.cache[key] = res
         return res
 
-    def seed(self, coeffs: dict[str, float], nll: float, unsafe: dict[str, Any] | None,
-             over_refusal: dict[str, Any] | None, number: int) -> None:
+    def seed(self, coeffs: dict[str, float], nll: float, judged: Judgement, number: int) -> None:
         """Put an already measured point (a reference model the space reproduces exactly, e.g. all zeros = the
         base) into the cache, so the search does not measure it again. ``number`` < 0 marks it as a reference."""
-        res = TrialResult(dict(coeffs), nll, None, None, unsafe, over_refusal, number=number, cached=True)
+        res = TrialResult(dict(coeffs), nll, None, None, judged.unsafe, judged.over_refusal, judged.utility,
+                          number=number, cached=True)
         res.feasible = self.utility_ok(res) and self.over_refusal_ok(res)
         self.cache[coeff_key(coeffs)] = res
 
+    def proxy_rank(self) -> tuple[float | None, int]:
+        """Spearman correlation of the proxy's unsafe estimate with the judged unsafe rate, over every judged
+        candidate that has both (``(None, n)`` below 3 points or when one side is constant)."""
+        from mergekit_safe.eval.proxy import spearman
+
+        pts = [(r.proxy_unsafe, float(r.unsafe["rate"])) for r in self.cache.values()
+               if r.judged and r.proxy_unsafe is not None and r.margin is not None]
+        return spearman([a for a, _ in pts], [b for _, b in pts]), len(pts)
+
+    def proxy_trusted(self) -> bool:
+        """Whether the margin proxy may stand in for generation (see ``min_rank``); trusted until 4 points say
+        otherwise."""
+        rank, n = self.proxy_rank()
+        return n < 4 or (rank is not None and rank >= self.min_rank)
+
+    @property
+    def generated_utility(self) -> bool:
+        """Whether the utility bound is checked on generated answers (a task metric) rather than the NLL."""
+        return self.utility_min is not None
+
     def utility_ok(self, res: TrialResult) -> bool:
-        """Whether the candidate meets the utility bound."""
+        """Whether the candidate meets the utility bound: the generated metric once judged, else the NLL gate."""
+        if self.utility_min is not None and res.utility is not None:
+            return res.utility >= self.utility_min - 1e-12
         return res.nll <= self.nll_max + 1e-12
 
     def judge(self, res: TrialResult) -> TrialResult:
@@ -210,9 +270,12 @@ class Evaluator:
         t0 = time.perf_counter()
         if self.space.current is None or coeff_key(self.space.current) != coeff_key(res.coeffs):
             self.space.apply(res.coeffs)
-        res.unsafe, res.over_refusal = self.judge_fn(self.max_over_refusal is not None)
+        judged = self.judge_fn(self.max_over_refusal is not None)
+        res.unsafe, res.over_refusal, res.utility = judged.unsafe, judged.over_refusal, judged.utility
         self.costs.generation_runs += 1
         res.feasible = self.utility_ok(res) and self.over_refusal_ok(res)
+        if res.utility is not None and self.utility_min is not None and res.utility >= self.utility_min:
+            self.nll_max = max(self.nll_max, res.nll)  # the generated metric accepted it: widen the gate
         res.seconds += time.perf_counter() - t0
         return res
 
@@ -421,16 +484,19 @@ class Trials:
         ev = self.evaluator
         res.number = trial.number
         attrs = res.to_dict()
-        for k in ("coeffs", "nll", "proxy_unsafe", "margin", "unsafe", "over_refusal", "feasible"):
+        for k in ("coeffs", "nll", "proxy_unsafe", "margin", "unsafe", "over_refusal", "utility", "feasible"):
             trial.set_user_attr(k, attrs[k])
         over = 0.0
         if ev.max_over_refusal is not None and res.over_refusal is not None:
             over = float(res.over_refusal["rate"]) - ev.max_over_refusal
-        trial.set_constraint("utility", res.nll - ev.nll_max)
+        if ev.utility_min is not None and res.utility is not None:
+            trial.set_constraint("utility", ev.utility_min - res.utility)
+        else:
+            trial.set_constraint("utility", res.nll - ev.nll_max)
         trial.set_constraint("over_refusal", over)
         with quiet_optuna():
             self.study.tell(trial, [res.unsafe_rate, res.nll] if self.pareto else res.unsafe_rate)
 
 
-__all__ = ["Budget", "Costs", "Evaluator", "TrialResult", "Trials", "best_of", "check_storage", "coeff_key",
+__all__ = ["Budget", "Costs", "Evaluator", "Judgement", "TrialResult", "Trials", "best_of", "check_storage", "coeff_key",
            "open_study", "pareto_front", "quiet_optuna", "study_name_for"]

@@ -23,14 +23,20 @@ class UtilityBound:
     """The utility constraint of the search.
 
     Attributes:
-        nll_max: a candidate's utility NLL must be at most this.
+        nll_max: a candidate's utility NLL must be at most this (with a task metric: the gate for generating it).
         rule: how the bound was set, in words.
         gain: the fine-tune's NLL gain over the base (base NLL - fine-tune NLL).
+        metric: ``nll`` or the task metric on generated answers (``exact_match``...).
+        utility_min: with a task metric, the bound it must meet (higher is better).
+        utility_gain: with a task metric, the fine-tune's gain over the base on it.
     """
 
     nll_max: float
     rule: str
     gain: float
+    metric: str = "nll"
+    utility_min: float | None = None
+    utility_gain: float | None = None
 
 
 @dataclass
@@ -49,6 +55,11 @@ class RepairReport:
         pareto_front: trial numbers on the unsafe-rate / NLL front among judged trials.
         trials: every trial as a dict (:meth:`TrialResult.to_dict`).
         cost: trials, forward and generation runs, seconds (per phase under ``phase_seconds``).
+        proxy: the proxy's calibration (openings, logistic fit, AUROC on the references' prompts) and its Spearman
+            rank correlation with the judge over the judged candidates (``spearman``, ``points``), and the NLL
+            gate's rank correlation with the generated task metric (``nll_vs_metric``).
+        sensitivity: with ``--groups auto:K``: every unit's refusal and utility derivative, its revert score,
+            the ranking and the tensor -> group assignment.
     """
 
     settings: dict[str, Any]
@@ -61,6 +72,8 @@ class RepairReport:
     pareto_front: list[int]
     trials: list[dict[str, Any]]
     cost: dict[str, Any] = field(default_factory=dict)
+    proxy: dict[str, Any] = field(default_factory=dict)
+    sensitivity: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: dict[str, Any], storage: str | None, groups: list[str], bound: UtilityBound,
@@ -82,9 +95,10 @@ class RepairReport:
                 "forward_runs": costs.forward_runs + extra_runs[0],
                 "generation_runs": costs.generation_runs + extra_runs[1],
                 "search_forward_runs": costs.forward_runs, "search_generation_runs": costs.generation_runs,
+                "subsample_generation_runs": costs.subsample_runs,
                 "search_seconds": result.seconds, "wall_seconds": 0.0}
         chosen = {"coeffs": best.coeffs, "trial": best.number, "nll": best.nll, "unsafe": best.unsafe,
-                  "over_refusal": best.over_refusal}
+                  "over_refusal": best.over_refusal, "utility": best.utility}
         return cls(settings, {"name": result.study_name, "storage": storage}, result.strategy, list(groups), bound,
                    chosen, metrics, list(result.front), [r.to_dict() for r in result.trials], cost)
 
@@ -116,9 +130,17 @@ def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for name, m in metrics.items():
         em = m.get("exact_match")
+        if em is None and m.get("utility") is not None:
+            em = {"n": 1, "rate": m["utility"], "low": m["utility"], "high": m["utility"]}
         lines.append(f"{name:<11}{_fmt_rate(m.get('unsafe')):<26}{_fmt_rate(m.get('over_refusal')):<26}"
                      f"{_fmt_rate(em):<26}{m['nll']:>8.3f}")
     return "\n".join(lines)
+
+
+def _bound_text(b: UtilityBound) -> str:
+    if b.utility_min is not None:
+        return f"{b.metric} >= {b.utility_min:.3f} on generated answers"
+    return f"NLL <= {b.nll_max:.4f}"
 
 
 def model_card(report: RepairReport) -> str:
@@ -128,7 +150,7 @@ def model_card(report: RepairReport) -> str:
              f"Search: `{report.strategy}` over `{report.settings['method']}` with groups "
              f"`{report.settings['groups']}`; {cost['trials']} trials, {cost['forward_runs']} forward-only runs, "
              f"{cost['generation_runs']} generation runs, {cost['wall_seconds']:.1f} s.", "",
-             f"Utility bound: NLL <= {report.utility_bound.nll_max:.4f} ({report.utility_bound.rule}).", "",
+             f"Utility bound: {_bound_text(report.utility_bound)} ({report.utility_bound.rule}).", "",
              "| model | unsafe rate [95% CI] | over-refusal [95% CI] | utility NLL |", "|---|---|---|---|"]
     for name, row in m.items():
         lines.append(f"| {name} | {_fmt_rate(row.get('unsafe'))} | {_fmt_rate(row.get('over_refusal'))} | "

@@ -17,7 +17,7 @@ come from it). A *strategy* says how coefficients are chosen:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mergekit_safe.errors import SearchError
@@ -121,6 +121,7 @@ def run_search(
     slack: float = 0.05,
     tolerance: float = 1.0 / 64,
     on_trial: Callable[[Trials, TrialResult], None] | None = None,
+    warm: Sequence[dict[str, float]] | None = None,
 ) -> SearchResult:
     """Search the coefficients: bracketing for one group, TPE for several, NSGA-II for ``pareto``.
 
@@ -137,6 +138,8 @@ def run_search(
         slack: a candidate is generated when its proxy unsafe rate is at most the best judged one plus this.
         tolerance: the one-coefficient bracketing stops when the bracket is this narrow.
         on_trial: called after every new trial (progress display).
+        warm: the first candidates of a several-group search, in order, instead of the forward selection (e.g. the
+            sensitivity path of ``--groups auto:K``).
 
     Returns:
         A :class:`SearchResult`.
@@ -153,7 +156,7 @@ def run_search(
         _one_coefficient(trials, low, high, increasing, tolerance)
     else:
         strategy = "nsga2" if pareto else "tpe"
-        _sampled(trials, slack)
+        _sampled(trials, slack, warm)
     results = trials.results
     judged = [r for r in results if r.judged]
     front = [judged[i].number for i in pareto_front([(r.unsafe_rate, r.nll) for r in judged])]
@@ -162,8 +165,9 @@ def run_search(
                         time.perf_counter() - t0)
 
 
-def _sampled(trials: Trials, slack: float) -> None:
-    """Several groups: forward selection, then the sampler until the budget is spent, then confirm the best."""
+def _sampled(trials: Trials, slack: float, warm: Sequence[dict[str, float]] | None = None) -> None:
+    """Several groups: forward selection (or the ``warm`` path), then the sampler until the budget is spent, then
+    confirm the best."""
     ev = trials.evaluator
 
     def can_win(res: TrialResult) -> bool:
@@ -175,7 +179,12 @@ def _sampled(trials: Trials, slack: float) -> None:
         best = best_of(judged)
         return best is None or res.unsafe_rate <= best.unsafe_rate + slack
 
-    _warm_start(trials, can_win)
+    if warm:
+        for coeffs in warm:
+            if trials.run(dict(coeffs), can_win) is None:
+                break
+    else:
+        _warm_start(trials, can_win)
     while trials.left > 1 and not trials.budget.out_of_time():
         trials.run(None, can_win)
     # the last trial confirms the best proxy candidate when nothing judged is feasible yet (--trials is exact)
@@ -248,16 +257,22 @@ def _one_coefficient(trials: Trials, low: float, high: float, increasing: bool, 
     feasible one; otherwise (safety vector) the largest feasible one is. When that point is strictly safer than
     the fine-tune, a short climb towards the fine-tune (a few generation runs) looks for the most useful
     coefficient that is just as safe: the objective is the unsafe rate first, then utility. An over-refusal bound
-    instead pushes the coefficient towards the fine-tune: a bisection on the judged bound.
+    instead pushes the coefficient towards the fine-tune: a bisection on the judged bound. With a task metric on
+    generated answers the first bisection generates each candidate that passes the NLL gate (about
+    ``log2(1 / tolerance)`` generation runs), since the NLL does not decide utility there.
     """
     group = trials.groups[0]
+    ev = trials.evaluator
 
-    def at(a: float, judge: bool = False) -> TrialResult | None:
+    def at(a: float, judge: bool | Callable[[TrialResult], bool] = False) -> TrialResult | None:
         return trials.run({group: a}, judge, proxy=False)  # utility only: the bracketing needs no proxy
 
     def passes(judge: bool, unsafe: float | None = None) -> Callable[[float], bool | None]:
+        # a task metric on generated answers decides utility: generate every candidate that passes the NLL gate
+        want: bool | Callable[[TrialResult], bool] = judge or (ev.utility_ok if ev.generated_utility else False)
+
         def probe(a: float) -> bool | None:
-            r = at(a, judge)
+            r = at(a, want)
             if r is None:
                 return None
             return r.feasible and (unsafe is None or r.unsafe_rate <= unsafe)
