@@ -209,7 +209,9 @@ def ema(checkpoints: tuple[Path, ...], beta: float, start: Path | None, tokenize
         chat_template: str | None, **out: Any) -> None:
     """Offline EMA over CHECKPOINTS: e_t = beta*e_(t-1) + (1-beta)*c_t.
 
-    Trainer-style checkpoint-N folders are sorted by step N.
+    Trainer-style checkpoint-N folders are sorted by step N. A run that added tokens keeps them: the vocabulary
+    is the last checkpoint's (--tokenizer-source to change it), earlier checkpoints' missing rows are filled
+    by token (see README, "Tokenizers and vocabularies").
 
     \b
     mergekit-safe ema ./run/checkpoint-100 ./run/checkpoint-200 --beta 0.9 --start ./aligned -o ./ema

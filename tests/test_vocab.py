@@ -182,7 +182,7 @@ def test_union_agrees_with_mergekit(family: dict[str, Path], tmp_path: Path) -> 
     v_ours, v_theirs = t_ours.get_vocab(), t_theirs.get_vocab()
     assert v_ours.keys() == v_theirs.keys()
     assert {t: v_theirs[t] for t in vocab_of(family["base"])} == vocab_of(family["base"])  # base ids kept by both
-    flags = lambda t: {a.content: a.special for a in t.added_tokens_decoder.values()}  # noqa: E731
+    flags = lambda t: {a.content: a.special for a in t.added_tokens_decoder.values()}
     assert flags(t_ours) == flags(t_theirs)
     assert t_ours.chat_template == t_theirs.chat_template
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")

@@ -20,6 +20,7 @@ its base's vocabulary with it).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ def _load_tokenizer(root: Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for a broken tokenizer; the user needs one line
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{root}: cannot load the tokenizer ({first})") from None
 
@@ -297,7 +298,7 @@ def _read_rows(src: TensorSource, name: str, idx: torch.Tensor, width: int, dtyp
     brk = torch.ones(len(idx), dtype=torch.bool)
     brk[1:] = (idx[1:] != idx[:-1] + 1) | ((idx[1:] < 0) != (idx[:-1] < 0))
     starts = torch.nonzero(brk).flatten().tolist() + [len(idx)]
-    for a, b in zip(starts[:-1], starts[1:]):
+    for a, b in itertools.pairwise(starts):
         first = int(idx[a])
         if first >= 0:
             out[a:b] = src.get(name, first * width, (first + b - a) * width).view(b - a, width)
