@@ -138,7 +138,7 @@ class VocabPlan:
         by_id = _inverse(self.tokens, rows)
         src: list[torch.Tensor | None] = []
         for vocab, have in zip(self.vocabs, in_rows):
-            if (vocab is None or vocab == self.tokens or self.tokens is None) and have >= rows:
+            if (vocab is None or vocab is self.tokens or self.tokens is None or vocab == self.tokens) and have >= rows:
                 src.append(None)
                 continue
             ids = [(vocab.get(t, -1) if (t is not None and vocab is not None) else i) for i, t in enumerate(by_id)]
@@ -224,13 +224,14 @@ def plan_vocabulary(recipe: Recipe, inputs: Sequence[TensorSource], reference: i
             if k is None:
                 raise CheckpointError(f"{c.path}: tokenizer_source union reads every input's tokenizer, and this "
                                       f"one has none (none of {', '.join(TOKENIZER_FILES)})")
-    loaded: dict[bytes, Any] = {}
-    toks: list[Any] = []
+    loaded: dict[bytes, tuple[Any, dict[str, int]]] = {}
     for key, root in zip(keys, roots):
         if key is not None and root is not None and key not in loaded:
-            loaded[key] = _load_tokenizer(root)
-        toks.append(loaded.get(key) if key is not None else None)
-    vocabs = [None if t is None else dict(t.get_vocab()) for t in toks]
+            tok = _load_tokenizer(root)
+            loaded[key] = (tok, dict(tok.get_vocab()))
+    # inputs with identical tokenizer files share one tokenizer and one dict (an EMA over many checkpoints)
+    toks = [loaded[k][0] if k is not None else None for k in keys]
+    vocabs = [loaded[k][1] if k is not None else None for k in keys]
     base = 0
     embed_rows = next(iter(vocab_rows.values()), [0] * len(inputs))
     out_tok = _union_tokenizer(toks, roots[base], base, embed_rows) if union else None
@@ -257,19 +258,22 @@ def _union_tokenizer(toks: Sequence[Any], base_root: Path | None, base: int, row
     assert base_root is not None  # a union has checked every input has a tokenizer folder
     out = _load_tokenizer(base_root)  # a fresh copy: tokens are added to it, never to the inputs' objects
     have = set(out.get_vocab())
+    new: list[Any] = []
+    seen = {(id(toks[base]), rows[base])}
     for k, tok in enumerate(toks):
-        if k == base:
+        if (id(tok), rows[k]) in seen:  # checkpoints of one run share a tokenizer object: look once
             continue
+        seen.add((id(tok), rows[k]))
         added = {info.content: info for info in tok.added_tokens_decoder.values()}
         for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
-            if t in have or i >= rows[k]:
-                continue
-            out.add_tokens([added.get(t, t)])
-            have.add(t)
+            if t not in have and i < rows[k]:
+                new.append(added.get(t, t))
+                have.add(t)
+    out.add_tokens(new)  # one call: ids follow the list's order
     return out
 
 
-def _chosen_template(recipe: Recipe, inputs: Sequence[TensorSource], toks: Sequence[Any]) -> str | None:
+def _chosen_template(recipe: Recipe, inputs: Sequence[TensorSource], toks: Sequence[Any]) -> Any:
     """The chat template asked for by ``chat_template`` (None: keep the tokenizer source's as it is)."""
     choice = recipe.chat_template
     if choice is None:
@@ -279,7 +283,7 @@ def _chosen_template(recipe: Recipe, inputs: Sequence[TensorSource], toks: Seque
     template = toks[k].chat_template if toks[k] is not None else None
     if not template:
         raise RecipeError(f"chat_template {choice!r}: {inputs[k].path} has no chat template in its tokenizer")
-    return template if isinstance(template, str) else str(template)
+    return template
 
 
 def write_tokenizer(tokenizer: Any, folder: Path) -> None:
