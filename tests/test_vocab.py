@@ -371,3 +371,26 @@ def test_align_rows_matches_a_loop_by_token_string(family: dict[str, Path]) -> N
     perm = torch.randperm(ft.shape[0])
     shuffled = {t: int(torch.nonzero(perm == i)) for t, i in ft_vocab.items()}
     assert torch.equal(align_rows(ft[perm], shuffled, base_vocab, base), want)
+
+
+def test_without_tokenizers_dropped_rows_are_counted(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """No tokenizer files: rows match by position, and rows the output has no room for are named by number."""
+    from transformers import AutoModelForCausalLM
+
+    aligned, _ = tiny_pair
+    ft = AutoModelForCausalLM.from_pretrained(aligned)
+    ft.resize_token_embeddings(136, mean_resizing=False)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01)
+    ft.save_pretrained(tmp_path / "ft")
+    out = tmp_path / "out"
+    result = cli("merge", "--method", "task_arithmetic", aligned, tmp_path / "ft", "-o", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {tmp_path / 'ft'}: lm_head.weight has 136 rows, the output 128 (vocabulary from {aligned}; "
+            "rows 128..135 are dropped, and no tokenizer names their tokens); give every input its tokenizer and "
+            "set tokenizer_source: union (--tokenizer-source union) to keep them") in result.output
+    merged = load_file(out / "model.safetensors")
+    f = load_file(tmp_path / "ft" / "model.safetensors")
+    for name in VOCAB:
+        assert_close(merged[name], f[name][:128].double(), *F32, name)  # base + 1.0 * (ft - base)

@@ -64,6 +64,15 @@ def _tokenizer_key(root: Path | None) -> bytes | None:
     return h.digest() if found else None
 
 
+def _tokenizer_folder(source: TensorSource) -> Path | None:
+    """Where an input's tokenizer lives: its own folder when that has tokenizer files (a LoRA adapter saved with
+    the tokens it added), else the folder of its config (an adapter's base)."""
+    own = Path(source.path)
+    if own.is_dir() and any((own / f).is_file() for f in TOKENIZER_FILES):
+        return own
+    return source.root
+
+
 def _load_tokenizer(root: Path) -> Any:
     """``AutoTokenizer`` of an input folder (never remote code); any failure is one line naming the folder."""
     from transformers import AutoTokenizer
@@ -157,10 +166,12 @@ class VocabPlan:
                 out.append(f"{path}: its tokens {_names(lost)} are not in the output vocabulary (from {ref}), so "
                            "their embedding rows are dropped; set tokenizer_source: union (--tokenizer-source union) "
                            "to keep them")
-            elif have > rmap.rows and (vocab is None or self.tokens is None):
+            elif have > rmap.rows and (vocab is None or self.tokens is None or len(vocab) < have):
+                why = "no tokenizer names their tokens" if vocab is None or self.tokens is None else \
+                    "its tokenizer names no token for them"
                 out.append(f"{path}: {name} has {have} rows, the output {rmap.rows} (vocabulary from {ref}; rows "
-                           f"{rmap.rows}..{have - 1} are dropped, and without tokenizers their tokens cannot be "
-                           "named); set tokenizer_source: union (--tokenizer-source union) to keep them")
+                           f"{rmap.rows}..{have - 1} are dropped, and {why}); give every input its tokenizer and "
+                           "set tokenizer_source: union (--tokenizer-source union) to keep them")
             src = rmap.src[k]
             filled = int((src < 0).sum()) if src is not None else 0
             if filled and have != rmap.rows:
@@ -214,7 +225,7 @@ def plan_vocabulary(recipe: Recipe, inputs: Sequence[TensorSource], reference: i
         RecipeError: ``chat_template`` names an input whose tokenizer has no chat template.
     """
     union = recipe.tokenizer_source == "union"
-    roots = [c.root for c in inputs]
+    roots = [_tokenizer_folder(c) for c in inputs]
     keys = [_tokenizer_key(r) for r in roots]
     shapes_differ = any(len(set(rows)) > 1 for rows in vocab_rows.values())
     if not (union or recipe.chat_template or shapes_differ or len(set(keys)) > 1):
