@@ -305,6 +305,22 @@ def test_chunk_boundaries_inside_rows_change_nothing(family: dict[str, Path], tm
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_union_on_cuda_matches_cpu(family: dict[str, Path], tmp_path: Path, method: str) -> None:
+    """Gathered rows go through the pinned ring (linear) and the streamed passes (ties) on the GPU too."""
+    density = {"density": 0.5} if method == "ties" else {}
+    recipe = Recipe(method, [ModelSpec(str(family["ft1"]), {"weight": 0.6, **density}),
+                             ModelSpec(str(family["ft2"]), {"weight": 0.4, **density})],
+                    base_model=str(family["base"]), tokenizer_source="union")
+    merge(recipe, tmp_path / "cpu", progress=False, hash_inputs=False)
+    merge(recipe, tmp_path / "gpu", progress=False, hash_inputs=False, device="cuda", chunk_elems=100)
+    cpu, gpu = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "gpu" / "model.safetensors")
+    for name in cpu:  # same fp32 math on both devices; FMA contraction on the GPU can change the last bit
+        assert_close(gpu[name], cpu[name], 1e-6, 1e-6, name)
+
+
 def test_one_tokenizer_needs_no_vocabulary_plan(family: dict[str, Path]) -> None:
     recipe = Recipe("lerp", [ModelSpec(str(family["base"]))], base_model=str(family["base"]) + "/.",
                     parameters={"alpha": 0.5})
