@@ -146,13 +146,16 @@ class VocabPlan:
         rows = self.out_rows(in_rows)
         by_id = _inverse(self.tokens, rows)
         src: list[torch.Tensor | None] = []
+        done: dict[tuple[int, int], torch.Tensor] = {}  # checkpoints of one run share a vocabulary dict
         for vocab, have in zip(self.vocabs, in_rows):
             if (vocab is None or vocab is self.tokens or self.tokens is None or vocab == self.tokens) and have >= rows:
                 src.append(None)
                 continue
-            ids = [(vocab.get(t, -1) if (t is not None and vocab is not None) else i) for i, t in enumerate(by_id)]
-            col = torch.tensor(ids, dtype=torch.int64)
-            src.append(torch.where(col < have, col, -1))
+            if (id(vocab), have) not in done:
+                ids = [(vocab.get(t, -1) if (t is not None and vocab is not None) else i) for i, t in enumerate(by_id)]
+                col = torch.tensor(ids, dtype=torch.int64)
+                done[(id(vocab), have)] = torch.where(col < have, col, -1)
+            src.append(done[(id(vocab), have)])
         return RowMap(rows, src, self.base)
 
     def _row_warnings(self, name: str, in_rows: Sequence[int], rmap: RowMap) -> list[str]:
