@@ -107,6 +107,31 @@ def _output_options(f: Any) -> Any:
     return f
 
 
+def _vocab_options(f: Any) -> Any:
+    """``--tokenizer-source`` and ``--chat-template`` of the commands that merge (YAML: the same keys)."""
+    f = click.option("--chat-template", "chat_template", default=None, metavar="base|PATH",
+                     help="Chat template of the output: base, or an input path [default: the tokenizer source's].")(f)
+    return click.option("--tokenizer-source", "tokenizer_source", default=None, metavar="base|union|PATH",
+                        help="Vocabulary and tokenizer of the output: base, union (every input's tokens, embedding "
+                             "rows matched by token), or an input path [default: the method's config source].")(f)
+
+
+def _with_vocab(recipe: Recipe, tokenizer_source: str | None, chat_template: str | None) -> Recipe:
+    """The recipe with the command line's vocabulary options (they override the YAML's), validated.
+
+    A path is matched to the input it names however it is spelled (``./ft/`` is ``ft``).
+    """
+    def named(value: str) -> str:
+        same = [p for p in recipe.input_paths() if value not in ("base", "union") and Path(p) == Path(value)]
+        return same[0] if same else value
+
+    if tokenizer_source is not None:
+        recipe.tokenizer_source = named(tokenizer_source)
+    if chat_template is not None:
+        recipe.chat_template = named(chat_template)
+    return recipe.validate()
+
+
 def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, device: str, overwrite: bool,
          strict: bool, allow_pickle: bool, no_progress: bool, to_gguf: str | None = None) -> None:
     from mergekit_safe.merge.engine import merge, merge_into
@@ -144,9 +169,10 @@ def _run(recipe: Recipe, output: Path, max_shard_size: str, dtype: str | None, d
 @click.option("--alpha", type=float, help="lerp: fraction of the way to the fine-tune.")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="A method parameter for every model, e.g. -p density=0.5 -p t='[0, 0.5, 1]'.")
+@_vocab_options
 @_output_options
 def merge(models: tuple[Path, ...], config: Path | None, method: str | None, alpha: float | None,
-          params: tuple[str, ...], **out: Any) -> None:
+          params: tuple[str, ...], tokenizer_source: str | None, chat_template: str | None, **out: Any) -> None:
     """Merge checkpoints: MODELS are the base (for methods that take one) followed by the other models.
 
     \b
@@ -170,18 +196,22 @@ def merge(models: tuple[Path, ...], config: Path | None, method: str | None, alp
         base = paths[0] if needs_base else None
         recipe = Recipe(method, [ModelSpec(p) for p in (paths[1:] if needs_base else paths)], base_model=base,
                         parameters=parameters, source="command line").validate()
-    _run(recipe, **out)
+    _run(_with_vocab(recipe, tokenizer_source, chat_template), **out)
 
 
 @main.command()
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--beta", type=float, default=0.9, show_default=True, help="Decay per checkpoint.")
 @click.option("--start", type=click.Path(path_type=Path), help="Start point e_0 (the aligned model) [default: c_0].")
+@_vocab_options
 @_output_options
-def ema(checkpoints: tuple[Path, ...], beta: float, start: Path | None, **out: Any) -> None:
+def ema(checkpoints: tuple[Path, ...], beta: float, start: Path | None, tokenizer_source: str | None,
+        chat_template: str | None, **out: Any) -> None:
     """Offline EMA over CHECKPOINTS: e_t = beta*e_(t-1) + (1-beta)*c_t.
 
-    Trainer-style checkpoint-N folders are sorted by step N.
+    Trainer-style checkpoint-N folders are sorted by step N. A run that added tokens keeps them: the vocabulary
+    is the last checkpoint's (--tokenizer-source to change it), earlier checkpoints' missing rows are filled
+    by token (see README, "Tokenizers and vocabularies").
 
     \b
     mergekit-safe ema ./run/checkpoint-100 ./run/checkpoint-200 --beta 0.9 --start ./aligned -o ./ema
@@ -191,7 +221,7 @@ def ema(checkpoints: tuple[Path, ...], beta: float, start: Path | None, **out: A
     ordered = sort_checkpoints(list(checkpoints))
     recipe = Recipe("ema", [ModelSpec(str(p)) for p in ordered], base_model=str(start) if start else None,
                     parameters={"beta": beta}, source="command line").validate()
-    _run(recipe, **out)
+    _run(_with_vocab(recipe, tokenizer_source, chat_template), **out)
 
 
 @main.command()

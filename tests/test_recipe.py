@@ -216,7 +216,7 @@ def test_safe_regex_rules_are_kept(tmp_path: Path) -> None:
 def test_structure_and_method_problems_together() -> None:
     _, problems = recipe_problems({"merge_methd": "lerp", "merge_method": "lerpp", "models": ["./b"]})
     assert problems == [
-        "unknown keys ['merge_methd']; known: base_model, dtype, merge_method, models, out_dtype, parameters, "
-        "tokenizer_source",
+        "unknown keys ['merge_methd']; known: base_model, chat_template, dtype, merge_method, models, out_dtype, "
+        "parameters, tokenizer_source",
         f"unknown merge_method 'lerpp'; choose one of {', '.join(sorted(METHODS))}",
     ]

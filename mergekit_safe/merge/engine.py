@@ -8,9 +8,10 @@ tensor. Linear methods take one pass; SLERP and TIES first make passes over the 
 constants (:mod:`mergekit_safe.merge.streaming`). Only a method registered with a whole-tensor ``combine`` and
 no ``stream`` holds whole tensors.
 
-Vocabulary mismatch (a fine-tune that added tokens): the output keeps the row count of the input that config
-and tokenizer come from (the *reference*). An input with fewer embedding/head rows is padded with the
-reference's rows, so new tokens keep the reference's values; an input with more rows is cut.
+Vocabulary mismatch (a fine-tune that added tokens): the output vocabulary is the reference's (the input that
+config and tokenizer come from) or, with ``tokenizer_source: union``, the union of the inputs'. Embedding and
+head rows are matched by token string and missing rows filled, chunk by chunk, by
+:mod:`mergekit_safe.merge.vocab`; a fine-tune's tokens left out of the output are named in a warning.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from mergekit_safe.io.source import TensorSource
 from mergekit_safe.merge.streaming import Chunk
 from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
-from mergekit_safe.merge.recipe import Recipe, module_type, num_layers
+from mergekit_safe.merge.recipe import Recipe, num_layers
+from mergekit_safe.merge.vocab import VocabPlan, gather_rows, is_vocab_tensor, plan_vocabulary, write_tokenizer
 
 __all__ = ["DEFAULT_CHUNK_ELEMS", "DEFAULT_MAX_SHARD", "MergeResult", "check_output_path", "merge", "merge_into",
            "plan_merge"]
@@ -221,10 +223,23 @@ class _Plan:
     specs: list[TensorSpec]
     num_layers: int
     warnings: list[str]
+    vocab: VocabPlan | None = None
+
+
+def _fetch_all(plan: _Plan, name: str, start: int, stop: int) -> list[torch.Tensor]:
+    """Flat elements ``[start, stop)`` of every input's tensor ``name`` in the output's layout.
+
+    A vocabulary tensor's rows are gathered by token (:func:`mergekit_safe.merge.vocab.gather_rows`).
+    """
+    if plan.vocab is not None and is_vocab_tensor(name, plan.reference.info(name).shape):
+        rows = [c.info(name).shape[0] for c in plan.inputs]
+        width = plan.reference.info(name).shape[1]
+        return gather_rows(plan.inputs, name, plan.vocab.row_map(name, rows), width, start, stop)
+    return [c.get(name, start, stop) for c in plan.inputs]
 
 
 def _reference_index(recipe: Recipe, method: MergeMethod, paths: list[str]) -> int:
-    if recipe.tokenizer_source == "base":
+    if recipe.tokenizer_source in ("base", "union"):
         return 0
     if recipe.tokenizer_source:
         return paths.index(recipe.tokenizer_source)
@@ -262,41 +277,48 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> _Plan:
         if extra:
             more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
             raise CheckpointError(f"{ckpt.path}: tensor {extra[0]!r}{more} is not in {ref.path}")
+    vocab_rows = _check_shapes(inputs, ref)
+    ref_index = inputs.index(ref)
+    vocab = plan_vocabulary(recipe, inputs, ref_index, vocab_rows)
     specs = []
     for name in ref_keys:
         rinfo = ref.info(name)
+        shape = rinfo.shape
+        if vocab is not None and name in vocab_rows:
+            rmap = vocab.row_map(name, vocab_rows[name])
+            shape = (rmap.rows, *rinfo.shape[1:])
+        dtype = out_dtype if (out_dtype is not None and rinfo.dtype.is_floating_point) else rinfo.dtype
+        specs.append(TensorSpec(name, shape, dtype))
+    if vocab is not None:
+        warnings += vocab.warnings
+    return _Plan(method, inputs, ref, specs, num_layers(ref.config or {}, fallback_names=ref.keys()), warnings, vocab)
+
+
+def _check_shapes(inputs: list[TensorSource], ref: TensorSource) -> dict[str, list[int]]:
+    """Check every input's tensors have the reference's shapes, except the row count of vocabulary tensors.
+
+    Returns:
+        Every vocabulary tensor's row count per input.
+
+    Raises:
+        CheckpointError: a mismatched shape, naming the file and tensor.
+    """
+    vocab_rows = {}
+    for name in ref.keys():
+        rinfo = ref.info(name)
         for ckpt in inputs:
             info = ckpt.info(name)
-            if info.shape == rinfo.shape:
-                continue
-            vocab_like = module_type(name) in ("embed", "head") and info.shape[1:] == rinfo.shape[1:]
-            if not vocab_like:
+            if info.shape != rinfo.shape and not (is_vocab_tensor(name, rinfo.shape)
+                                                  and info.shape[1:] == rinfo.shape[1:]):
                 raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(info.shape)} but "
                                       f"{ref.path} has {list(rinfo.shape)}")
-            warnings.append(f"{ckpt.path}: {name} has {info.shape[0]} rows, the output {rinfo.shape[0]} "
-                            f"(vocabulary from {ref.path}; {'padded with its rows' if info.shape[0] < rinfo.shape[0] else 'cut'})")
-        dtype = out_dtype if (out_dtype is not None and rinfo.dtype.is_floating_point) else rinfo.dtype
-        specs.append(TensorSpec(name, rinfo.shape, dtype))
-    return _Plan(method, inputs, ref, specs, num_layers(ref.config or {}, fallback_names=ref.keys()), warnings)
-
-
-def _fetch(ckpt: TensorSource, ref: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
-    """Flat elements ``[start, stop)`` of ``ckpt``'s tensor laid out in the reference's shape (vocab padding)."""
-    info, rinfo = ckpt.info(name), ref.info(name)
-    if info.shape == rinfo.shape:
-        return ckpt.get(name, start, stop)
-    have = info.numel if info.shape[0] < rinfo.shape[0] else rinfo.numel
-    parts = []
-    if start < have:
-        parts.append(ckpt.get(name, start, min(stop, have)))
-    if stop > have:
-        parts.append(ref.get(name, max(start, have), stop))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if is_vocab_tensor(name, rinfo.shape):
+            vocab_rows[name] = [c.info(name).shape[0] for c in inputs]
+    return vocab_rows
 
 
 def _nonfinite_source(plan: _Plan, name: str, start: int, stop: int) -> str:
-    for ckpt in plan.inputs:
-        piece = _fetch(ckpt, plan.reference, name, start, stop)
+    for ckpt, piece in zip(plan.inputs, _fetch_all(plan, name, start, stop)):
         if piece.is_floating_point() and not torch.isfinite(piece).all():
             return f"{ckpt.info(name).file}: tensor {name!r} has NaN or Inf values"
     return f"tensor {name!r}: the merge produced NaN or Inf values"
@@ -436,16 +458,29 @@ def merge_into(
             if hasher.error:
                 raise CheckpointError(f"cannot hash inputs ({hasher.error})")
             result.input_hashes = hasher.result
-        updates = {}
-        if recipe.dtype and plan.reference.config is not None:
-            key = "dtype" if "dtype" in plan.reference.config else "torch_dtype"
-            updates[key] = str(recipe.out_dtype()).removeprefix("torch.")
-        writer.copy_side_files(plan.reference.root, updates)
+        writer.copy_side_files(plan.reference.root, _config_updates(recipe, plan))
+        if plan.vocab is not None and plan.vocab.tokenizer is not None:
+            write_tokenizer(plan.vocab.tokenizer, folder)
         writer.write_text("README.md", _model_card(recipe, result, plan) + (extra_card or ""))
         writer.write_text("mergekit_safe_recipe.yml", recipe.to_yaml())
         writer.finalize()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _config_updates(recipe: Recipe, plan: _Plan) -> dict[str, Any]:
+    """What the output's ``config.json`` changes from the reference's: the dtype asked for, the vocabulary size."""
+    updates: dict[str, Any] = {}
+    cfg = plan.reference.config
+    if cfg is None:
+        return updates
+    if recipe.dtype:
+        key = "dtype" if "dtype" in cfg else "torch_dtype"
+        updates[key] = str(recipe.out_dtype()).removeprefix("torch.")
+    rows = next((s.shape[0] for s in plan.specs if is_vocab_tensor(s.name, s.shape)), None)
+    if plan.vocab is not None and rows is not None and "vocab_size" in cfg and cfg["vocab_size"] != rows:
+        updates["vocab_size"] = rows
+    return updates
 
 
 def _stream_tensors(
@@ -500,7 +535,7 @@ def _merge_tensor(
         step = max(1, chunk_elems)
         for start in range(0, max(numel, 1), step):
             stop = min(numel, start + step)
-            pieces = [_fetch(c, ref, name, start, stop) for c in plan.inputs]
+            pieces = _fetch_all(plan, name, start, stop)
             if pipe is not None:
                 pipe.run(name, start, pieces, coeffs, spec.dtype, wt)
             else:
@@ -516,7 +551,7 @@ def _merge_tensor(
         _merge_streamed(plan, spec, params, has_base, wt, dev, pool, chunk_elems, strict, result, bar)
         return
     assert plan.method.combine is not None  # a whole-tensor method: memory grows with the tensor
-    tensors = [_fetch(c, ref, name, 0, numel).view(spec.shape).to(dev) for c in plan.inputs]
+    tensors = [t.view(spec.shape).to(dev) for t in _fetch_all(plan, name, 0, numel)]
     base, models = (tensors[0], tensors[1:]) if has_base else (None, tensors)
     merged = plan.method.combine(TensorJob(name, base, models, params, torch.float32))
     _check_finite(plan, merged, name, 0, numel, strict, result)
@@ -541,7 +576,7 @@ class _CheckpointStream:
         plan = self.plan
         for start in range(0, max(self.numel, 1), self.step):
             stop = min(self.numel, start + self.step)
-            pieces = [_fetch(c, plan.reference, self.name, start, stop).to(self.dev) for c in plan.inputs]
+            pieces = [t.to(self.dev) for t in _fetch_all(plan, self.name, start, stop)]
             base, models = (pieces[0], pieces[1:]) if self.has_base else (None, pieces)
             yield Chunk(self.name, start, stop, base, models)
             for c in plan.inputs:

@@ -34,7 +34,8 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 MODULE_TYPES = ("attention", "mlp", "embed", "norm", "head", "other")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_RECIPE_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype"}
+_RECIPE_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "tokenizer_source", "out_dtype",
+                "chat_template"}
 
 # Limits that turn a hostile or mistaken recipe into one clear line instead of minutes of work or a MemoryError.
 MAX_MODELS = 256  # every chunk reads all inputs at once; EMA over a long run is the largest real use
@@ -258,7 +259,14 @@ class Recipe:
         base_model: path of the base model, or None.
         parameters: method parameters shared by all models.
         dtype: output dtype name (default: the inputs' dtype).
-        tokenizer_source: ``"base"`` or a model path: where config, tokenizer and chat template come from.
+        tokenizer_source: where the output's vocabulary and tokenizer come from: ``"base"`` (the base model,
+            else the first input), an input path, or ``"union"`` (every input's tokens, the base's ids first;
+            embedding rows matched by token string, see :mod:`mergekit_safe.merge.vocab`). Default None: the
+            input the method takes its config from (the base for most methods; the fine-tune for ``lerp``, the
+            last checkpoint for ``ema``). Config and generation config come from the base for a union, else
+            from the tokenizer source.
+        chat_template: where the output's chat template comes from: ``"base"`` or an input path. Default
+            None: the tokenizer source's, i.e. the base's for a union.
         source: where the recipe came from, for error messages.
         slices: a ``slices`` recipe's layer ranges, stacked in order (``passthrough`` only; then ``models`` is
             empty and the inputs are the slices' models).
@@ -271,6 +279,7 @@ class Recipe:
     dtype: str | None = None
     tokenizer_source: str | None = None
     source: str | None = None
+    chat_template: str | None = None
     slices: list[SliceSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -305,6 +314,8 @@ class Recipe:
             out["dtype"] = self.dtype
         if self.tokenizer_source:
             out["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
         return out
 
     def to_yaml(self) -> str:
@@ -355,9 +366,11 @@ class Recipe:
                     out.append(f"parameter {p.name!r} is required by {method.name}")
         if self.dtype is not None and self.dtype not in DTYPES:
             out.append(f"dtype {short_repr(self.dtype)} is not one of {', '.join(DTYPES)}")
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.input_paths():
-            out.append(f"tokenizer_source {short_repr(self.tokenizer_source)} must be 'base' or one of the input "
-                       "paths")
+        if self.tokenizer_source not in (None, "base", "union") and self.tokenizer_source not in self.input_paths():
+            out.append(f"tokenizer_source {short_repr(self.tokenizer_source)} must be 'base', 'union' or one of "
+                       "the input paths")
+        if self.chat_template not in (None, "base") and self.chat_template not in self.input_paths():
+            out.append(f"chat_template {short_repr(self.chat_template)} must be 'base' or one of the input paths")
         return out
 
     def validate(self) -> Recipe:
@@ -435,7 +448,7 @@ def recipe_problems(data: Any, source: str | None = None) -> tuple[Recipe | None
         problems.append("missing merge_method")
     elif not isinstance(method, str):
         problems.append(f"merge_method must be a name, got {short_repr(method)}")
-    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
+    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source", "chat_template"):
         if data.get(key) is not None and not isinstance(data[key], str):
             problems.append(f"{key} must be a string, got {short_repr(data[key])}")
     entries = data.get("models")
@@ -449,7 +462,7 @@ def recipe_problems(data: Any, source: str | None = None) -> tuple[Recipe | None
     recipe = Recipe(
         merge_method=method if isinstance(method, str) else "", models=models, base_model=text("base_model"),
         parameters=dict(params), dtype=text("out_dtype") or text("dtype"), tokenizer_source=text("tokenizer_source"),
-        source=source,
+        source=source, chat_template=text("chat_template"),
     )
     if isinstance(method, str) and not too_many:  # with the models dropped, their checks would mislead
         problems += recipe.problems()
