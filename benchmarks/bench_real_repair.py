@@ -153,15 +153,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench.measured("BASE (unaligned instruct)", tb.base)
     aligned = bench.measured("ALIGNED", tb.aligned)
     ft = bench.measured("FINETUNED", tb.finetuned)
-    for name, recipe in _recipes(tb, args):
-        if args.only and not any(s in name for s in args.only):
-            continue
+    recipes = [(n, r) for n, r in _recipes(tb, args) if not args.only or any(s in n for s in args.only)]
+    # measured in order of what the comparison needs most (the grid, then the repairs), shown in table order
+    for name, recipe in [x for x in recipes if x[0].startswith("lerp")]:
         bench.measured(name, bench.merged(re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-"), recipe))
-    bench.measured("online EMA", tb.online_ema)
     for groups in args.repair_groups:
         name = f"repair {groups}"
         path, info = bench.repaired(groups.replace(":", "").replace(",", "_"), groups, {"trials": args.trials})
         bench.measured(name, path, info)
+    for name, recipe in [x for x in recipes if not x[0].startswith("lerp")]:
+        bench.measured(name, bench.merged(re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-"), recipe))
+    bench.measured("online EMA", tb.online_ema)
+    first = ("BASE", "ALIGNED", "FINETUNED", "lerp", "offline", "online", "RESTA", "TIES", "DARE", "repair")
+    bench.rows.sort(key=lambda r: next(i for i, p in enumerate(first) if r["method"].startswith(p)))
     gain = ft["skill_em"] - aligned["skill_em"]
     for r in bench.rows:
         r["skill_kept"] = (r["skill_em"] - aligned["skill_em"]) / gain if gain > 0 else float("nan")
@@ -237,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--ema-beta", type=float, default=0.5)
     p.add_argument("--trials", type=int, default=30)
-    p.add_argument("--repair-groups", nargs="*", default=["global", "layers:3", "modules", "layers:3,modules"])
+    p.add_argument("--repair-groups", nargs="*", default=["global", "layers:3", "modules", "layers:3,modules", "auto:4"])
     p.add_argument("--only", nargs="*", default=None, help="only the merge rows whose name contains one of these")
     return run(p.parse_args(argv))
 

@@ -447,7 +447,7 @@ def demo(output: Path, seed: int, trials: int, cache: Path | None, device: str) 
     click.echo("measuring aligned and fine-tune, then searching the repair ...")
     cfg = RepairConfig(org.aligned, org.finetuned, output / "repaired", harmful=str(org.harmful),
                        benign=str(org.benign), utility=org.skill, groups="layers:2,modules", trials=trials,
-                       seed=seed, max_new_tokens=16, batch_size=64, overwrite=True,
+                       seed=seed, max_new_tokens=16, batch_size=64, overwrite=True, keep_utility=0.85,
                        refusal_openings=("I'm sorry",), compliance_openings=("Sure", "Step"), device=device)
     result = run_repair(cfg, progress=True)
     click.echo("")

@@ -79,7 +79,7 @@ def test_every_method_has_a_row_and_outputs_exist(smoke: tuple[Path, dict]) -> N
     root, result = smoke
     names = [r["method"] for r in result["rows"]]
     for want in ("ALIGNED", "FINETUNED", "online EMA", "RESTA safety vector", "TIES d=0.5", "DARE d=0.5",
-                 "repair global", "repair layers:3", "repair modules", "repair layers:3,modules"):
+                 "repair global", "repair layers:3", "repair modules", "repair layers:3,modules", "repair auto:4"):
         assert want in names
     assert [n for n in names if n.startswith("lerp")] == [f"lerp a={i / 10:.1f}" for i in range(1, 10)]
     assert any(n.startswith("offline EMA") for n in names)

@@ -797,12 +797,14 @@ def measure_references(cfg: RepairConfig, loaded: Loaded, meter: Meter, utility:
     """
     t0 = time.perf_counter()
     loaded.space.load(loaded.finetuned.get)
-    rows = utility
-    if rows is None:  # the fine-tune's own answers: generate the benign prompts first
-        _, first = meter.full()
-        rows = _own_answers(cfg, first)
-    meter.set_metric_rows(rows)
-    ft_j, ft_rep = meter.full()
+    if utility is None:  # the NLL of the fine-tune's own answers to the benign prompts
+        ft_j, ft_rep = meter.full()
+        rows = _own_answers(cfg, ft_rep)
+        meter.set_metric_rows(rows)
+    else:
+        rows = utility
+        meter.set_metric_rows(rows)
+        ft_j, ft_rep = meter.full()
     ft_nll = meter.nll(rows, count=True)
     one_run = time.perf_counter() - t0
     if cfg.time_budget is not None and cfg.time_budget < one_run:
@@ -812,8 +814,7 @@ def measure_references(cfg: RepairConfig, loaded: Loaded, meter: Meter, utility:
     base_j, base_rep = meter.full()
     base_nll = meter.nll(rows, count=True)
     base, ft = _metrics_row(base_j, base_nll), _metrics_row(ft_j, ft_nll)
-    safer_first = [ft_rep, base_rep] if cfg.method == "safety_vector" else [base_rep, ft_rep]
-    proxy = _calibrate(cfg, loaded, meter, safer_first)
+    proxy = _calibrate(cfg, loaded, meter, [base_rep, ft_rep])
     if cfg.max_over_refusal is not None:
         bound_or = float(cfg.max_over_refusal)
     elif cfg.over_refusal_slack is not None and ft_j.over_refusal is not None:
@@ -825,19 +826,18 @@ def measure_references(cfg: RepairConfig, loaded: Loaded, meter: Meter, utility:
 
 
 def _calibrate(cfg: RepairConfig, loaded: Loaded, meter: Meter, refs: list[Any]) -> dict[str, Any]:
-    """Calibrate the proxy on the two references (2 forward runs); report how well it ranks their prompts."""
+    """Calibrate the proxy on the two references, ``refs`` = the base's (aligned) and the fine-tune's reports
+    (2 forward runs); report how well it ranks their prompts."""
     from mergekit_safe.eval.proxy import auroc
 
     flags = [[bool(g["unsafe"]) for g in r.generations if g["set"] == "harmful"] for r in refs]
     if cfg.proxy == "calibrated":
         meter.set_openings(refs)
     margins = []
-    for source, _ in zip((loaded.base, loaded.finetuned) if refs[0] is not None else (), refs):
+    for source in (loaded.base, loaded.finetuned):
         loaded.space.load(source.get)
         margins.append(meter.raw_margins())
         meter.forward_runs += 1
-    if cfg.method == "safety_vector":
-        margins.reverse()  # refs are safer-first: the fine-tune (the space's zero) is the safer end there
     xs, ys = margins[0] + margins[1], flags[0] + flags[1]
     meter.fit(xs, ys)
     au = auroc([-m for m in xs], ys)

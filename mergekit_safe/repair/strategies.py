@@ -151,6 +151,9 @@ def run_search(
     trials = Trials(evaluator, open_study(storage, study_name, pareto=pareto, seed=seed), budget, low, high, pareto,
                     on_trial=on_trial)
     trials.reuse_completed()
+    # the measured reference points (base, fine-tune) are candidates too: the last resort when nothing searched
+    # meets the bounds (best_of prefers any searched candidate that does)
+    trials.results.extend(r for r in evaluator.cache.values() if r.number < 0 and r.judged)
     if len(trials.groups) == 1 and not pareto:
         strategy = "bracket"
         _one_coefficient(trials, low, high, increasing, tolerance)
