@@ -108,6 +108,26 @@ def paired_margin(
     return [r / max(nr, 1) - c / max(nc, 1) for (r, nr), (c, nc) in zip(scores[:n], scores[n:])]
 
 
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, a tie group sharing its average rank (what AUROC and Spearman both rank by).
+
+    Example:
+        >>> average_ranks([10.0, 30.0, 10.0])
+        [1.5, 3.0, 1.5]
+    """
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            out[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman's rank correlation (average ranks for ties); None for fewer than 3 points or a constant side.
 
@@ -118,20 +138,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     if len(x) != len(y) or len(x) < 3:
         return None
 
-    def ranks(v: Sequence[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        out = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return out
-
-    rx, ry = ranks(x), ranks(y)
+    rx, ry = average_ranks(x), average_ranks(y)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
@@ -151,16 +158,7 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1  # average rank of a tie group, 1-based
-        i = j + 1
+    ranks = average_ranks(scores)
     rank_sum = sum(r for r, p in zip(ranks, positive) if p)
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
