@@ -30,10 +30,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import device_name, environment  # noqa: E402
+from harness import device_name, environment
 
-_WORDS = ("how do I bake bread at home with simple tools and a little patience every single day "
-          "the answer depends on the oven flour water salt yeast time and heat").split()
+_WORDS = ["how", "do", "I", "bake", "bread", "at", "home", "with", "simple", "tools", "and", "a", "little", "patience", "every", "single", "day", "the", "answer", "depends", "on", "the", "oven", "flour", "water", "salt", "yeast", "time", "and", "heat"]
 
 
 class _Tensors:

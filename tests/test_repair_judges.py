@@ -21,7 +21,12 @@ from tests.test_repair import _base_args, organism  # noqa: F401 - the session's
 
 def _always_unsafe_guard(folder: Path) -> Path:
     from mergekit_safe.eval.guard import GUARD_FORMATS
-    from tests.eval.guard_models import LLAMA_GUARD_TEMPLATE, bigram_guard, guard_tokenizer, save
+    from tests.eval.guard_models import (
+        LLAMA_GUARD_TEMPLATE,
+        bigram_guard,
+        guard_tokenizer,
+        save,
+    )
 
     tok = guard_tokenizer(LLAMA_GUARD_TEMPLATE)
     fmt = GUARD_FORMATS["llama_guard"]
@@ -64,13 +69,6 @@ def test_repair_reports_every_judge_and_optimises_the_first(organism: Any, tmp_p
     assert report["metrics"]["base"]["unsafe"]["rate"] < 1.0
     card = (out / "README.md").read_text()
     assert "Every judge on the direct harmful prompts" in card and "keyword vs guard: kappa" in card
-
-
-def test_single_judge_report_is_unchanged(organism: Any, tmp_path: Path) -> None:  # noqa: F811
-    """One judge: no ``judges`` entry in the rows and no judge table in the card (the report stays as before)."""
-    from mergekit_safe.repair.report import judges_markdown
-
-    assert judges_markdown({"base": {"unsafe": None, "nll": 1.0}}) == []
 
 
 def test_judge_list_is_checked_by_the_shared_parser() -> None:

@@ -51,6 +51,7 @@ def test_two_workers_run_exactly_the_trial_budget(two_workers: tuple[Path, str])
     # the workers' runs are summed: every new trial cost at least one forward run
     assert report["cost"]["search_forward_runs"] >= TRIALS - sum(t["cached"] for t in report["trials"])
     assert not [p for p in (tmp / "out").iterdir() if "study" in p.name]
+    assert all("judges" not in row for row in report["metrics"].values())  # one judge: the rows as before
 
 
 def test_choice_and_measurements_match_one_process(organism: Any, two_workers: tuple[Path, str]) -> None:  # noqa: F811
@@ -124,7 +125,7 @@ def _dying_worker(plan: Any) -> Any:
 @pytest.mark.parametrize("worker", [_raising_worker, _dying_worker], ids=["raises", "dies"])
 def test_a_failing_worker_fails_the_repair_with_one_line(organism: Any, tmp_path: Path,  # noqa: F811
                                                          monkeypatch: pytest.MonkeyPatch, worker: Any) -> None:
-    import mergekit_safe.repair.workers as workers
+    from mergekit_safe.repair import workers
 
     monkeypatch.setattr(workers, "worker_main", worker)
     out = tmp_path / "out"

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 
 from mergekit_safe.errors import MergeKitSafeError, SearchError
-from mergekit_safe.repair.objective import Budget, Costs, Evaluator, TrialResult, Trials, coeff_key, open_study
+from mergekit_safe.repair.objective import (
+    Budget,
+    Costs,
+    Evaluator,
+    TrialResult,
+    Trials,
+    coeff_key,
+    open_study,
+)
 
 #: The study database's file name inside the staging folder (removed before publishing).
 STUDY_DB = "repair_study.db"
