@@ -147,3 +147,19 @@ def test_bad_workers_flags_before_any_model_loads(organism: Any, tmp_path: Path,
                                                    message: str) -> None:
     r = CliRunner().invoke(main, [*_args(organism, tmp_path / "out"), *extra])
     assert r.exit_code == 1 and message in r.output, r.output
+
+
+def test_worker_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from mergekit_safe.errors import SearchError
+    from mergekit_safe.repair.workers import worker_devices
+
+    assert worker_devices("cpu", 3) == ["cpu"] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]  # one per GPU
+    assert worker_devices("cuda:1", 3) == ["cuda:1"] * 3  # one named GPU: they share it
+    with pytest.raises(SearchError, match="--workers 3 with --device cuda: one worker per GPU needs 3 GPUs, this "
+                                          "machine has 2"):
+        worker_devices("cuda", 3)
