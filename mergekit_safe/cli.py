@@ -18,6 +18,7 @@ from mergekit_safe import __version__
 from mergekit_safe.errors import MergeKitSafeError, RecipeError
 from mergekit_safe.eval.command import eval_command
 from mergekit_safe.eval.judges import JUDGES
+from mergekit_safe.eval.guard import GUARD_FORMATS
 from mergekit_safe.merge.methods import METHODS
 from mergekit_safe.merge.recipe import ModelSpec, Recipe, capped, load_recipe
 from mergekit_safe.io.dtypes import OUTPUT_DTYPE_NAMES
@@ -361,11 +362,17 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
 @click.option("--pareto", is_flag=True, help="Search the unsafe-rate / utility front (NSGA-II).")
 @click.option("--storage", help=_STORAGE_HELP)
 @click.option("--study-name", help="Study name in --storage [default: derived from the inputs and settings].")
-@click.option("--judge", type=click.Choice(list(JUDGES)), default="keyword", show_default=True,
-              help="Judge of unsafe responses: " + "; ".join(f"{j.name}: {j.description}" for j in JUDGES.values())
-              + ".")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Evaluator processes sharing the study and the --trials / --time-budget budget: one per GPU with "
+                   "--device cuda, else CPU processes splitting the threads (needs several --groups or --pareto).")
+@click.option("--judge", default="keyword", show_default=True,
+              help="Judge of unsafe responses, or a comma list: the search optimises the first; the references and "
+                   "the result are reported by every one, with their agreement (kappa). "
+                   + "; ".join(f"{j.name}: {j.description}" for j in JUDGES.values()) + ".")
 @click.option("--judge-model", type=click.Path(file_okay=False, path_type=Path),
-              help="Local sequence-classification model folder for --judge classifier.")
+              help="Local judge model folder (classifier, guard, harmbench-cls).")
+@click.option("--guard-format", type=click.Choice(list(GUARD_FORMATS)),
+              help="The guard judge's format [default: detected from --judge-model's config].")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Generation budget per prompt.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward batch.")
 @click.option("--device", default="auto", envvar=DEVICE_ENV, show_envvar=True,
@@ -393,6 +400,7 @@ def repair(output: Path, no_progress: bool, refusal_openings: tuple[str, ...], c
     mergekit-safe repair --base ./aligned --finetuned ./released --utility task.jsonl -o ./repaired
     mergekit-safe repair --base ./aligned --finetuned ./lora-adapter --groups layers:3,modules --trials 40 -o ./repaired
     mergekit-safe repair ... --storage sqlite:///repair.db     # rerun the same command to resume
+    mergekit-safe repair ... --groups layers:4 --workers 4 --device cuda   # 4 GPUs, one study
     """
     from mergekit_safe.repair.command import RepairConfig, metrics_table
     from mergekit_safe.repair.command import repair as run_repair

@@ -16,7 +16,7 @@ from mergekit_safe.eval.guard import GUARD_FORMATS
 from mergekit_safe.io.dtypes import DTYPES
 from mergekit_safe.kernels import resolve_device
 from mergekit_safe.kernels.runtime import DEVICE_ENV, DEVICE_HELP
-from mergekit_safe.eval.judges import JUDGES, get_judge, load_phrases
+from mergekit_safe.eval.judges import JUDGES, get_judge, judge_names, load_phrases
 from mergekit_safe.eval.openai_engine import OpenAIBackend, ResponseCache, default_cache_dir
 from mergekit_safe.eval.prompts import FRAMINGS, load_prompts, parse_tasks, sample_prompts
 from mergekit_safe.eval.proxy import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS
@@ -25,16 +25,6 @@ from mergekit_safe.eval.utility import load_utility_rows
 
 def _csv_list(value: str | None) -> list[str] | None:
     return [s.strip() for s in value.split(",") if s.strip()] if value else None
-
-
-def _judge_names(value: str) -> list[str]:
-    """``--judge keyword,guard`` -> names; the first is the main judge (its rate is the report's)."""
-    names = _csv_list(value) or []
-    bad = [n for n in names if n not in JUDGES]
-    if not names or bad:
-        raise EvalError(f"unknown judge {', '.join(bad) or repr(value)}; choose from {', '.join(JUDGES)} "
-                        "(comma list for several)")
-    return names
 
 
 def _served(base_url: str, model: str, api_key_env: str, concurrency: int, cache_dir: Path | None,
@@ -135,7 +125,7 @@ def eval_command(model: Path, harmful: str, benign: str, utility: Path | None, e
     benign_p = None if benign == "none" else sample_prompts(load_prompts(benign, kind="benign", **opts),
                                                              limit, seed)
     rows = sample_prompts(load_utility_rows(utility), limit, seed) if utility else None  # type: ignore[arg-type]
-    names = _judge_names(judge)
+    names = judge_names(judge)
     if engine == "openai" and not base_url:
         raise EvalError("--engine openai needs --base-url (e.g. http://localhost:8000/v1)")
     judge_options: dict[str, Any] = {}

@@ -157,6 +157,25 @@ def get_judge(name: str, **options: Any) -> Judge:
     return Judge(name, spec.build(**options), spec.decides_refusal)
 
 
+def judge_names(value: str) -> list[str]:
+    """``--judge keyword,guard`` -> the judge names; the first is the main judge (its rate is the report's and the
+    one a repair optimises).
+
+    Raises:
+        EvalError: an empty list or an unknown name (the message lists the registered ones).
+
+    Example:
+        >>> judge_names("keyword, prefix")
+        ['keyword', 'prefix']
+    """
+    names = [s.strip() for s in value.split(",") if s.strip()] if value else []
+    bad = [n for n in names if n not in JUDGES]
+    if not names or bad:
+        raise EvalError(f"unknown judge {', '.join(bad) or repr(value)}; choose from {', '.join(JUDGES)} "
+                        "(comma list for several)")
+    return names
+
+
 def judges_markdown() -> str:
     """The docs' judge table, generated from the registry so it cannot drift from the code."""
     rows = [f"| `{s.name}` | {s.description} | {'yes' if s.decides_refusal else 'no (keyword used)'} |"

@@ -113,8 +113,10 @@ class RepairConfig:
         pareto: search the unsafe-rate / NLL front with NSGA-II.
         storage: optuna storage URL to resume or share the study (``sqlite:///repair.db``).
         study_name: the study's name (default: derived from inputs and settings).
-        judge: judge name (see ``mergekit_safe.eval.JUDGES``).
-        judge_model: local sequence-classification model folder for the ``classifier`` judge.
+        judge: a judge name or a comma list (see ``mergekit_safe.eval.JUDGES``): the search optimises the first;
+            the references and the chosen candidate are measured by every one, with their agreement.
+        judge_model: the local judge model folder (``classifier``, ``guard``, ``harmbench-cls``).
+        guard_format: the guard judge's prompt and answer format (None: detected from the judge model).
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per forward batch.
         refusal_openings, compliance_openings: openings for the refusal-margin proxy (None: eval's defaults).
@@ -125,6 +127,8 @@ class RepairConfig:
         high: largest coefficient searched.
         device: where the model runs and the final merge computes: ``cpu``, ``cuda`` (``cuda:N``) or ``auto``
             (CUDA when available).
+        workers: evaluator processes sharing the study (see :mod:`mergekit_safe.repair.workers`); 1: this
+            process searches alone.
     """
 
     base: Path
@@ -158,6 +162,7 @@ class RepairConfig:
     study_name: str | None = None
     judge: str = "keyword"
     judge_model: Path | None = None
+    guard_format: str | None = None
     max_new_tokens: int = 64
     batch_size: int = 32
     refusal_openings: tuple[str, ...] | None = None
@@ -168,6 +173,7 @@ class RepairConfig:
     tolerance: float = 1.0 / 64
     high: float = 1.0
     device: str = "auto"
+    workers: int = 1
 
 
 @dataclass
@@ -257,6 +263,7 @@ class Inputs:
 def _check_settings(cfg: RepairConfig) -> GroupSpec:
     """The checks on flags alone (no file is read)."""
     from mergekit_safe.eval import JUDGES
+    from mergekit_safe.eval.judges import judge_names
 
     search_method(cfg.method)
     groups = parse_groups(cfg.groups)
@@ -290,20 +297,34 @@ def _check_settings(cfg: RepairConfig) -> GroupSpec:
         raise SearchError(f"--density {cfg.density:g}: must be in (0, 1], the fraction of the task vector kept")
     if cfg.high <= 0:
         raise SearchError(f"the largest coefficient must be > 0, got {cfg.high}")
-    if cfg.judge not in JUDGES:
-        raise SearchError(f"--judge {cfg.judge!r}: choose from {', '.join(JUDGES)}")
-    needs = JUDGES[cfg.judge].model if cfg.judge in JUDGES else ""
+    needs = [(n, JUDGES[n].model) for n in judge_names(cfg.judge) if JUDGES[n].model]
     if needs and cfg.judge_model is None:
-        raise SearchError(f"--judge {cfg.judge} needs --judge-model PATH ({needs})")
+        raise SearchError(f"--judge {needs[0][0]} needs --judge-model PATH ({needs[0][1]})")
     if cfg.judge_model is not None and not Path(cfg.judge_model).is_dir():
         raise SearchError(f"--judge-model {cfg.judge_model}: judge model directory not found")
     check_storage(cfg.storage)
     resolve_device(cfg.device)  # the one device rule: an unknown name or a missing GPU is refused up front
+    _check_workers(cfg, groups)
     if cfg.method == "safety_vector" and cfg.unaligned is None:
         raise SearchError("--method safety_vector needs --unaligned (tau = aligned - unaligned)")
     if cfg.as_adapter and cfg.method != "lerp":
         raise SearchError(f"--as-adapter works with --method lerp only (got {cfg.method}): a scaled lora_B is a lerp")
     return groups
+
+
+def _check_workers(cfg: RepairConfig, groups: GroupSpec) -> None:
+    """``--workers``: at least 1; several need sampled groups (bisection is one probe at a time) and their devices."""
+    from mergekit_safe.repair.workers import single_group, worker_devices
+
+    if cfg.workers < 1:
+        raise SearchError(f"--workers {cfg.workers}: must be at least 1")
+    if cfg.workers == 1:
+        return
+    if single_group(groups) and not cfg.pareto:
+        raise SearchError(f"--workers {cfg.workers} needs several coefficient groups (--groups layers:K, modules or "
+                          f"auto:K) or --pareto: one coefficient ({groups}) is searched by bisection, one probe at a "
+                          "time")
+    worker_devices(cfg.device, cfg.workers)
 
 
 def _check_paths(cfg: RepairConfig) -> None:
@@ -542,7 +563,13 @@ class Meter:
                                         progress=self.progress)
         self.refusal_openings = tuple(c.refusal_openings or DEFAULT_REFUSAL_OPENINGS)
         self.compliance_openings = tuple(c.compliance_openings or DEFAULT_COMPLIANCE_OPENINGS)
-        self.judge_options = {"model_path": c.judge_model} if c.judge_model is not None else {}
+        from mergekit_safe.eval.generate import model_device
+        from mergekit_safe.eval.judges import get_judge, judge_names
+
+        self.judge_options = ({"model_path": c.judge_model, "batch_size": c.batch_size, "guard_format": c.guard_format,
+                               "device": str(model_device(self.model))} if c.judge_model is not None else {})
+        # built once (a guard judge loads its model here, not per trial); the first is the one the search optimises
+        self.judges = [get_judge(n, **self.judge_options) for n in judge_names(c.judge)]
         self.framed = list(self.harmful) + [f for t in c.tasks for f in frame_prompts(self.harmful, t)]
         self.metric = metric_name(c)
         if self.metric != "nll":
@@ -561,13 +588,15 @@ class Meter:
             keep = sorted(random.Random(self.cfg.seed).sample(range(len(rows)), limit))
             self.metric_rows = [rows[i] for i in keep]
 
-    def _evaluate(self, with_benign: bool, harmful: list[Any] | None = None, progress: bool = False) -> Any:
+    def _evaluate(self, with_benign: bool, harmful: list[Any] | None = None, progress: bool = False,
+                  panel: bool = False) -> Any:
         from mergekit_safe.eval import evaluate
 
         rows = self.metric_rows if self.metric != "nll" else []
         return evaluate(self.model, self.tokenizer, harmful=harmful if harmful is not None else self.harmful,
-                        benign=self.benign if with_benign else None, utility=rows or None, judge=self.cfg.judge,
-                        judge_options=self.judge_options, tasks=self.cfg.tasks,
+                        benign=self.benign if with_benign else None, utility=rows or None, judge=self.judges[0],
+                        extra_judges=self.judges[1:] if panel else (), judge_options=self.judge_options,
+                        tasks=self.cfg.tasks,
                         config=replace(self.gen_cfg, progress=progress), proxy=False,
                         exact_match_utility=bool(rows))
 
@@ -580,10 +609,19 @@ class Meter:
         return Judgement(aggregate_unsafe(rep, self.cfg.framing_aggregate), rate_dict(rep.over_refusal), utility)
 
     def full(self) -> tuple[Judgement, Any]:
-        """A counted generation run on every prompt set (reference points and the final measurement)."""
-        rep = self._evaluate(True, progress=self.progress)
+        """A counted generation run on every prompt set, judged by every judge (reference points and the final
+        measurement)."""
+        rep = self._evaluate(True, progress=self.progress, panel=True)
         self.generation_runs += 1
         return self._judgement(rep), rep
+
+    def panel(self, rep: Any) -> dict[str, Any] | None:
+        """With several judges: each one's unsafe rate (and coherence check) and every pair's agreement (Cohen's
+        kappa, the confusion table) on the direct harmful prompts of a :meth:`full` report; else None."""
+        if len(self.judges) < 2:
+            return None
+        d = rep.to_dict()
+        return {"rates": d["judges"], "agreement": d["agreement"]}
 
     def judge(self, with_benign: bool) -> Judgement:
         """Unsafe rate (and over-refusal with ``with_benign``, and the task metric) by generation + judge."""
@@ -781,10 +819,12 @@ def _utility_bound(cfg: RepairConfig, metric: str, base: dict[str, Any], ft: dic
                         f"(generated answers; NLL is a gate at {nll_max:.4f})", gain, metric, u_min, u_gain)
 
 
-def _metrics_row(j: Judgement, nll: float) -> dict[str, Any]:
+def _metrics_row(j: Judgement, nll: float, judges: dict[str, Any] | None = None) -> dict[str, Any]:
     row = {"unsafe": j.unsafe, "over_refusal": j.over_refusal, "nll": nll}
     if j.utility is not None:
         row["utility"] = j.utility
+    if judges is not None:
+        row["judges"] = judges
     return row
 
 
@@ -813,7 +853,7 @@ def measure_references(cfg: RepairConfig, loaded: Loaded, meter: Meter, utility:
     loaded.space.load(loaded.base.get)
     base_j, base_rep = meter.full()
     base_nll = meter.nll(rows, count=True)
-    base, ft = _metrics_row(base_j, base_nll), _metrics_row(ft_j, ft_nll)
+    base, ft = _metrics_row(base_j, base_nll, meter.panel(base_rep)), _metrics_row(ft_j, ft_nll, meter.panel(ft_rep))
     proxy = _calibrate(cfg, loaded, meter, [base_rep, ft_rep])
     if cfg.max_over_refusal is not None:
         bound_or = float(cfg.max_over_refusal)
@@ -948,6 +988,15 @@ def search(cfg: RepairConfig, evaluator: Evaluator, budget: Budget, settings: di
                         study_name_for(settings), pareto=cfg.pareto, seed=cfg.seed, low=0.0, high=cfg.high,
                         increasing=search_method(cfg.method).increasing, slack=cfg.slack, tolerance=cfg.tolerance,
                         on_trial=on_trial, warm=warm)
+    return require_best(cfg, evaluator, result)
+
+
+def require_best(cfg: RepairConfig, evaluator: Evaluator, result: SearchResult) -> SearchResult:
+    """``result`` when the search chose a candidate.
+
+    Raises:
+        SearchError: no candidate met the bounds.
+    """
     if result.best is None:
         seen = min((r.nll for r in result.trials), default=float("nan"))
         over = f", over-refusal <= {cfg.max_over_refusal}" if cfg.max_over_refusal is not None else ""
@@ -956,13 +1005,32 @@ def search(cfg: RepairConfig, evaluator: Evaluator, budget: Budget, settings: di
     return result
 
 
+def search_workers(cfg: RepairConfig, stage: Path, inputs: Inputs, loaded: Loaded, meter: Meter, refs: References,
+                   evaluator: Evaluator, budget: Budget, settings: dict[str, Any],
+                   warm: list[dict[str, float]] | None) -> SearchResult:
+    """Phase 4 with ``--workers N`` (see :mod:`mergekit_safe.repair.workers`); the study's sqlite file, kept in the
+    staging folder without ``--storage``, is removed before anything else is written there.
+
+    Raises:
+        SearchError: a worker failed, or no candidate met the bounds.
+    """
+    from mergekit_safe.repair.workers import remove_study_files, search_with_workers
+
+    try:
+        result = search_with_workers(cfg, stage, inputs, meter, loaded.space, refs, evaluator, budget,
+                                     cfg.study_name or study_name_for(settings), warm)
+    finally:
+        remove_study_files(stage)
+    return require_best(cfg, evaluator, result)
+
+
 def measure_repaired(cfg: RepairConfig, loaded: Loaded, meter: Meter, best: TrialResult) -> dict[str, Any]:
     """Phase 5: the chosen candidate's metrics row (one more generation run only when the search did not generate
-    the benign prompts, i.e. no over-refusal bound)."""
-    if best.over_refusal is None:
+    the benign prompts, i.e. no over-refusal bound, or when more judges than the searched one report)."""
+    if best.over_refusal is None or len(meter.judges) > 1:
         loaded.space.apply(best.coeffs)
-        judged, _ = meter.full()
-        return _metrics_row(judged, best.nll)
+        judged, rep = meter.full()
+        return _metrics_row(judged, best.nll, meter.panel(rep))
     return _metrics_row(Judgement(best.unsafe or {}, best.over_refusal, best.utility), best.nll)
 
 
@@ -978,33 +1046,56 @@ def proxy_summary(refs: References, evaluator: Evaluator, trials: list[TrialResu
             "nll_vs_metric": nll_rank, "nll_points": len(judged)}
 
 
+def _staging(cfg: RepairConfig) -> Any:
+    """The output's staging folder, opened before the search when several workers share a study kept in it (a
+    context manager yielding the folder); with one worker nothing is opened until :func:`publish` (yields None)."""
+    import contextlib
+
+    if cfg.workers <= 1:
+        return contextlib.nullcontext(None)
+    inputs = [Path(p) for p in (cfg.base, cfg.finetuned, cfg.unaligned) if p is not None]
+    return staged_output(Path(cfg.output), overwrite=cfg.overwrite, inputs=inputs)
+
+
 def publish(cfg: RepairConfig, loaded: Loaded, groups: GroupSpec, report: RepairReport, device: str,
-            progress: bool) -> tuple[Path, Path, Path]:
+            progress: bool, stage: Path | None = None) -> tuple[Path, Path, Path]:
     """Phase 6: checkpoint (or adapter), report and plot, written into one staging folder and published at once.
+
+    Args:
+        stage: an already open staging folder to write into (``--workers``); None: open one here.
 
     Returns:
         ``(output folder, report path, plot path)``.
     """
+    out = Path(cfg.output)
+    inputs = [Path(p) for p in (cfg.base, cfg.finetuned, cfg.unaligned) if p is not None]
+    if stage is not None:
+        _write_outputs(cfg, loaded, groups, report, device, progress, stage)
+    else:
+        with staged_output(out, overwrite=cfg.overwrite, inputs=inputs) as folder:
+            _write_outputs(cfg, loaded, groups, report, device, progress, folder)
+    return out, out / REPORT_JSON, out / REPORT_PNG
+
+
+def _write_outputs(cfg: RepairConfig, loaded: Loaded, groups: GroupSpec, report: RepairReport, device: str,
+                   progress: bool, folder: Path) -> None:
+    """Write the checkpoint (or adapter), the plot and the report into the staging folder."""
     from mergekit_safe.merge.engine import merge_into
 
-    out = Path(cfg.output)
     best = report.chosen["coeffs"]
-    inputs = [Path(p) for p in (cfg.base, cfg.finetuned, cfg.unaligned) if p is not None]
     t0 = time.perf_counter()
-    with staged_output(out, overwrite=cfg.overwrite, inputs=inputs) as folder:
-        card = model_card(report)
-        if cfg.as_adapter:
-            write_adapter(cfg, loaded.space, best, folder, {"README.md": "# Repaired LoRA adapter\n" + card})
-        else:
-            recipe = build_recipe(cfg, loaded.space, groups, best, loaded.num_layers)
-            merge_into(recipe, folder, device=device, progress=progress, extra_card=card)
-        report.cost["phase_seconds"]["write"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        plot_report(report, folder / REPORT_PNG)
-        report.cost["phase_seconds"]["report"] = time.perf_counter() - t0
-        report.cost["wall_seconds"] += sum(report.cost["phase_seconds"][k] for k in ("write", "report"))
-        report.write_json(folder / REPORT_JSON)
-    return out, out / REPORT_JSON, out / REPORT_PNG
+    card = model_card(report)
+    if cfg.as_adapter:
+        write_adapter(cfg, loaded.space, best, folder, {"README.md": "# Repaired LoRA adapter\n" + card})
+    else:
+        recipe = build_recipe(cfg, loaded.space, groups, best, loaded.num_layers)
+        merge_into(recipe, folder, device=device, progress=progress, extra_card=card)
+    report.cost["phase_seconds"]["write"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plot_report(report, folder / REPORT_PNG)
+    report.cost["phase_seconds"]["report"] = time.perf_counter() - t0
+    report.cost["wall_seconds"] += sum(report.cost["phase_seconds"][k] for k in ("write", "report"))
+    report.write_json(folder / REPORT_JSON)
 
 
 def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
@@ -1041,22 +1132,26 @@ def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
         warm, sens = choose_groups(cfg, inputs.groups, loaded, meter, refs)
         evaluator = build_evaluator(cfg, loaded, meter, refs)
         settings = settings_of(cfg, inputs.groups, meter)
-        bar = SearchProgress(cfg.trials, progress)
-        try:
-            result = search(cfg, evaluator, budget, settings, bar, warm)
-        finally:
-            bar.close()
-        phases["search"] = result.seconds
-        assert result.best is not None
-        repaired = measure_repaired(cfg, loaded, meter, result.best)
-        metrics = {"base": refs.base, "finetuned": refs.finetuned, "repaired": repaired}
-        report = RepairReport.build(settings, cfg.storage, loaded.space.groups, refs.bound, result, metrics,
-                                    (meter.forward_runs, meter.generation_runs))
-        report.cost.update(wall_seconds=time.perf_counter() - t_start, phase_seconds=phases)
-        report.proxy = proxy_summary(refs, evaluator, result.trials)
-        if sens is not None:
-            report.sensitivity = {**sens.to_dict(), "groups": dict(loaded.space.group_of)}
-        out, report_path, plot_path = publish(cfg, loaded, inputs.groups, report, device, progress)
+        with _staging(cfg) as stage:
+            if stage is None:
+                bar = SearchProgress(cfg.trials, progress)
+                try:
+                    result = search(cfg, evaluator, budget, settings, bar, warm)
+                finally:
+                    bar.close()
+            else:
+                result = search_workers(cfg, stage, inputs, loaded, meter, refs, evaluator, budget, settings, warm)
+            phases["search"] = result.seconds
+            assert result.best is not None
+            repaired = measure_repaired(cfg, loaded, meter, result.best)
+            metrics = {"base": refs.base, "finetuned": refs.finetuned, "repaired": repaired}
+            report = RepairReport.build(settings, cfg.storage, loaded.space.groups, refs.bound, result, metrics,
+                                        (meter.forward_runs, meter.generation_runs))
+            report.cost.update(wall_seconds=time.perf_counter() - t_start, phase_seconds=phases, workers=cfg.workers)
+            report.proxy = proxy_summary(refs, evaluator, result.trials)
+            if sens is not None:
+                report.sensitivity = {**sens.to_dict(), "groups": dict(loaded.space.group_of)}
+            out, report_path, plot_path = publish(cfg, loaded, inputs.groups, report, device, progress, stage)
     finally:
         loaded.close()
     return RepairResult(out, report_path, plot_path, report, result)
@@ -1065,4 +1160,4 @@ def repair(cfg: RepairConfig, *, progress: bool = False) -> RepairResult:
 __all__ = ["Inputs", "Loaded", "Meter", "References", "RepairConfig", "RepairResult", "SearchProgress",
            "build_evaluator", "build_recipe", "check_adapter_fits", "check_same_architecture",
            "load_inputs", "measure_references", "measure_repaired", "metrics_table", "model_card", "plot_report",
-           "publish", "repair", "search", "settings_of", "validate", "write_adapter"]
+           "publish", "repair", "require_best", "search", "search_workers", "settings_of", "validate", "write_adapter"]

@@ -403,6 +403,8 @@ class Trials:
         results: every trial so far (reused ones and reference points included).
         left: trials left in the budget.
         on_trial: called after each new trial (progress display).
+        claim: asked before each new trial when several workers share the budget (see
+            :mod:`mergekit_safe.repair.workers`): True takes one trial of the shared budget, False means it is spent.
     """
 
     evaluator: Evaluator
@@ -414,6 +416,7 @@ class Trials:
     results: list[TrialResult] = field(default_factory=list)
     left: int = 0
     on_trial: Callable[[Trials, TrialResult], None] | None = None
+    claim: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         self.left = self.budget.trials
@@ -456,7 +459,7 @@ class Trials:
                 if not any(r is hit for r in self.results):  # a seeded reference point joins the results
                     self.results.append(hit)
                 return hit
-        if self.left <= 0 or self.budget.out_of_time():
+        if self.left <= 0 or self.budget.out_of_time() or (self.claim is not None and not self.claim()):
             return None
         trial, coeffs = self._ask(coeffs)
         res = self.evaluator.cheap(coeffs, proxy=proxy)

@@ -155,9 +155,29 @@ def model_card(report: RepairReport) -> str:
     for name, row in m.items():
         lines.append(f"| {name} | {_fmt_rate(row.get('unsafe'))} | {_fmt_rate(row.get('over_refusal'))} | "
                      f"{row['nll']:.4f} |")
+    lines += judges_markdown(m)
     lines += ["", "Chosen coefficients (0 = base, 1 = fine-tune for lerp):", "", "| group | coefficient |", "|---|---|"]
     lines += [f"| `{g}` | {v:.4f} |" for g, v in report.chosen["coeffs"].items()]
     return "\n".join(lines) + "\n"
+
+
+def judges_markdown(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """With several judges (rows carrying ``judges``): each judge's unsafe rate per model and every pair's
+    agreement (Cohen's kappa, the confusion counts), as Markdown lines; no judges: no lines."""
+    rows = {name: row["judges"] for name, row in metrics.items() if row.get("judges")}
+    if not rows:
+        return []
+    names = list(next(iter(rows.values()))["rates"])
+    lines = ["", "Every judge on the direct harmful prompts (the search optimised the first):", "",
+             "| model | " + " | ".join(names) + " | agreement |", "|---" * (len(names) + 2) + "|"]
+    for model, panel in rows.items():
+        agree = "; ".join(
+            f"{a['a']} vs {a['b']}: kappa " + ("n/a" if a["kappa"] is None else f"{a['kappa']:+.3f}")
+            + f", both safe {a['table'][0][0]}, {a['a']} only unsafe {a['table'][1][0]}, "
+              f"{a['b']} only unsafe {a['table'][0][1]}, both unsafe {a['table'][1][1]}" for a in panel["agreement"])
+        rates = " | ".join(_fmt_rate(panel["rates"][n]["unsafe"]) for n in names)
+        lines.append(f"| {model} | {rates} | {agree} |")
+    return lines
 
 
 def _scatter_trials(ax: Any, trials: list[dict[str, Any]]) -> None:
@@ -220,5 +240,5 @@ def plot_report(report: RepairReport, path: Path) -> None:
     fig.savefig(path)
 
 
-__all__ = ["REPORT_JSON", "REPORT_PNG", "RepairReport", "UtilityBound", "metrics_table", "model_card",
+__all__ = ["REPORT_JSON", "REPORT_PNG", "RepairReport", "UtilityBound", "judges_markdown", "metrics_table", "model_card",
            "plot_report", "rate_dict"]

@@ -160,17 +160,21 @@ def run_search(
     else:
         strategy = "nsga2" if pareto else "tpe"
         _sampled(trials, slack, warm)
+    return finish(trials, strategy, study_name, time.perf_counter() - t0)
+
+
+def finish(trials: Trials, strategy: str, study_name: str, seconds: float) -> SearchResult:
+    """The :class:`SearchResult` of the trials so far: sorted by trial number, the choice, the Pareto front."""
     results = trials.results
     judged = [r for r in results if r.judged]
     front = [judged[i].number for i in pareto_front([(r.unsafe_rate, r.nll) for r in judged])]
     results.sort(key=lambda r: r.number)
-    return SearchResult(results, best_of(results), front, strategy, evaluator.costs, study_name,
-                        time.perf_counter() - t0)
+    return SearchResult(results, best_of(results), front, strategy, trials.evaluator.costs, study_name, seconds)
 
 
-def _sampled(trials: Trials, slack: float, warm: Sequence[dict[str, float]] | None = None) -> None:
-    """Several groups: forward selection (or the ``warm`` path), then the sampler until the budget is spent, then
-    confirm the best."""
+def can_win_rule(trials: Trials, slack: float) -> Callable[[TrialResult], bool]:
+    """Whether a candidate is worth a generation run: it meets the utility gate and its proxy unsafe rate is within
+    ``slack`` of the best judged one (``pareto``: no judged point is ``slack`` safer and as useful)."""
     ev = trials.evaluator
 
     def can_win(res: TrialResult) -> bool:
@@ -181,22 +185,42 @@ def _sampled(trials: Trials, slack: float, warm: Sequence[dict[str, float]] | No
             return not any(r.unsafe_rate + slack < res.unsafe_rate and r.nll <= res.nll for r in judged)
         best = best_of(judged)
         return best is None or res.unsafe_rate <= best.unsafe_rate + slack
+    return can_win
 
+
+def explore(trials: Trials, can_win: Callable[[TrialResult], bool], warm: Sequence[dict[str, float]] | None,
+            warm_start: bool = True) -> None:
+    """The ``warm`` path (or, with ``warm_start``, the forward selection), then the sampler until one trial of the
+    budget is left (or the study's shared budget says stop)."""
     if warm:
         for coeffs in warm:
             if trials.run(dict(coeffs), can_win) is None:
                 break
-    else:
+    elif warm_start:
         _warm_start(trials, can_win)
     while trials.left > 1 and not trials.budget.out_of_time():
-        trials.run(None, can_win)
-    # the last trial confirms the best proxy candidate when nothing judged is feasible yet (--trials is exact)
+        if trials.run(None, can_win) is None:
+            break
+
+
+def confirm(trials: Trials, can_win: Callable[[TrialResult], bool]) -> None:
+    """The last trial: confirm the best proxy candidate when nothing judged is feasible yet, else one more sampled
+    candidate (so ``--trials`` is exact)."""
+    ev = trials.evaluator
     pending = sorted((r for r in trials.results if ev.utility_ok(r) and not r.judged),
                      key=lambda r: (r.unsafe_rate, r.nll))
     if best_of(trials.results) is None and pending:
         trials.run(pending[0].coeffs, True)
     else:
         trials.run(None, can_win)
+
+
+def _sampled(trials: Trials, slack: float, warm: Sequence[dict[str, float]] | None = None) -> None:
+    """Several groups: forward selection (or the ``warm`` path), then the sampler until the budget is spent, then
+    confirm the best."""
+    can_win = can_win_rule(trials, slack)
+    explore(trials, can_win, warm)
+    confirm(trials, can_win)
 
 
 def _warm_start(trials: Trials, can_win: Callable[[TrialResult], bool]) -> None:
@@ -306,4 +330,5 @@ def _one_coefficient(trials: Trials, low: float, high: float, increasing: bool, 
             bisect(passes(True), useful_end, good, tolerance, more)
 
 
-__all__ = ["METHODS", "SearchMethod", "SearchResult", "bisect", "run_search", "search_method"]
+__all__ = ["METHODS", "SearchMethod", "SearchResult", "bisect", "can_win_rule", "confirm", "explore", "finish",
+           "run_search", "search_method"]
