@@ -241,6 +241,24 @@ def test_coefficient_rules_invert_group_of() -> None:
             assert recipe.resolve(n, 4)["alpha"] == coeffs[assignment[n]], (spec, n)
 
 
+def test_coefficient_rules_stay_within_the_regex_limit() -> None:
+    """A real model's per-block groups list hundreds of names: every rule stays a valid recipe regex and still gives
+    every tensor its group's coefficient (the auto:4 repair of the 30-layer SmolLM2 testbed failed here)."""
+    from mergekit_safe.merge.recipe import MAX_REGEX_LEN, ModelSpec, Recipe
+
+    mods = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight",
+            "mlp.down_proj.weight", "input_layernorm.weight")
+    names = [f"model.layers.{i}.{m}" for i in range(30) for m in mods] + ["model.embed_tokens.weight"]
+    assignment = {n: f"auto{i % 2}" for i, n in enumerate(names)}
+    coeffs = {"auto0": 0.25, "auto1": 0.75}
+    rules = coefficient_rules(assignment, GroupSpec(auto=2), coeffs)
+    assert len(rules) > 3 and all(len(r["regex"]) <= MAX_REGEX_LEN for r in rules[:-1])
+    recipe = Recipe("lerp", [ModelSpec("ft")], base_model="base", parameters={"alpha": rules})
+    recipe.validate()
+    for n in names + ["model.norm.weight"]:
+        assert recipe.resolve(n, 30)["alpha"] == coeffs.get(assignment.get(n, ""), 0.0), n
+
+
 @pytest.mark.parametrize("groups", [["mlp"], ["attention", "mlp"]])
 def test_trials_budget_is_exact(groups: list[str]) -> None:
     calls = {"nll": 0, "judge": 0}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergekit_safe.errors import SearchError
-from mergekit_safe.merge.recipe import layer_index, module_type
+from mergekit_safe.merge.recipe import MAX_REGEX_LEN, layer_index, module_type
 
 
 @dataclass(frozen=True)
@@ -164,9 +164,22 @@ def coefficient_rules(assignment: Mapping[str, str], spec: GroupSpec, coeffs: Ma
         return [{"module": g, "value": float(coeffs[g])} for g in groups] + [{"value": 0.0}]
     rules: list[dict[str, Any]] = []
     for g in groups:
-        members = [n for n, owner in assignment.items() if owner == g]
-        rules.append({"regex": "^(?:" + "|".join(re.escape(n) for n in members) + ")$", "value": float(coeffs[g])})
+        members = [re.escape(n) for n, owner in assignment.items() if owner == g]
+        rules += [{"regex": rx, "value": float(coeffs[g])} for rx in _alternations(members)]
     return rules + [{"value": 0.0}]
+
+
+def _alternations(escaped: list[str]) -> list[str]:
+    """``^(?:a|b|...)$`` patterns matching exactly the ``escaped`` names, each within the recipe's regex length limit
+    (a per-block grouping of a real model lists hundreds of names: one pattern would be refused by ``validate``)."""
+    out: list[str] = []
+    part: list[str] = []
+    for n in escaped:
+        if part and len("^(?:)$") + sum(map(len, part)) + len(part) + len(n) > MAX_REGEX_LEN:
+            out.append("^(?:" + "|".join(part) + ")$")
+            part = []
+        part.append(n)
+    return out + (["^(?:" + "|".join(part) + ")$"] if part else [])
 
 
 __all__ = ["GroupSpec", "check_groups", "coefficient_rules", "group_of", "parse_groups"]
