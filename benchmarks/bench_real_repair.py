@@ -158,7 +158,8 @@ def _repair_run(item: str, args: argparse.Namespace) -> tuple[str, str, dict[str
     name = "repair " + ("" if method == "lerp" else f"{method} ") + groups + suffix
     folder = (("" if method == "lerp" else f"{method}_") + groups.replace(":", "").replace(",", "_")
               + suffix.replace(" ", "_").replace("=", ""))
-    flags: dict[str, Any] = {"groups": groups, "trials": args.trials, "over_refusal_slack": slack, "method": method}
+    flags: dict[str, Any] = {"groups": groups, "trials": args.trials, "over_refusal_slack": slack, "method": method,
+                             "time_budget": args.repair_time_budget}
     return name, folder, flags
 
 
@@ -261,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repair-tasks", type=int, default=1, help="1: repair over the four framings (worst)")
     p.add_argument("--repair-over-refusal-slack", type=float, default=DEFAULT_SLACK,
                    help="repair's --over-refusal-slack (rows and folders are named by it when not the default)")
+    p.add_argument("--repair-time-budget", type=float, default=None, help="repair's --time-budget in seconds")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--ema-beta", type=float, default=0.5)
     p.add_argument("--trials", type=int, default=30)

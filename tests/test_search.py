@@ -136,6 +136,28 @@ def test_bracketing_finds_the_smallest_feasible_coefficient() -> None:
     assert res.best.unsafe is not None and res.best.unsafe["n"] == N_PROMPTS
 
 
+def test_bracketing_respects_over_refusal_when_the_safest_end_keeps_utility() -> None:
+    """The safety vector: utility holds at every coefficient, safety and over-refusal grow with it. The safest end
+    over-refuses, so the search must bisect the judged bound instead of stopping there (it used to stop)."""
+    space = toy_space(["all"])
+
+    def a() -> float:
+        return float(space.targets[space.names[0]])
+
+    def judge(benign: bool) -> Judgement:
+        k = round((1.0 - a()) * N_PROMPTS)  # unsafe falls as the coefficient adds safety
+        refusals = round(0.5 * a() * 40)  # over-refusal 0.5 * a on 40 benign prompts
+        return Judgement(vars(Rate.of([True] * k + [False] * (N_PROMPTS - k))),
+                         vars(Rate.of([True] * refusals + [False] * (40 - refusals))) if benign else None)
+
+    ev = Evaluator(space, lambda: 0.0, lambda: [0.0] * N_PROMPTS, judge, nll_max=1.0, max_over_refusal=0.2)
+    res = run_search(ev, budget=Budget(30), increasing=False, tolerance=1 / 64)
+    assert res.best is not None and res.best.feasible
+    # over-refusal 0.5 * a <= 0.2 (on 40 prompts, rounded): the largest feasible a is 0.4 (+ rounding < 1/40)
+    assert 0.4 - 1 / 64 <= res.best.coeffs["all"] <= 0.4 + 1 / 40, res.best
+    assert float(res.best.over_refusal["rate"]) <= 0.2
+
+
 def test_tpe_with_groups_prefers_the_safe_group() -> None:
     calls = {"nll": 0, "judge": 0}
     space = toy_space(["attention", "mlp"])

@@ -286,7 +286,9 @@ def _one_coefficient(trials: Trials, low: float, high: float, increasing: bool, 
     coefficient that is just as safe: the objective is the unsafe rate first, then utility. An over-refusal bound
     instead pushes the coefficient towards the fine-tune: a bisection on the judged bound. With a task metric on
     generated answers the first bisection generates each candidate that passes the NLL gate (about
-    ``log2(1 / tolerance)`` generation runs), since the NLL does not decide utility there.
+    ``log2(1 / tolerance)`` generation runs), since the NLL does not decide utility there. When the safest point
+    keeps the utility but breaks the over-refusal bound, a judged bisection from the useful end finds the safest
+    coefficient within it.
     """
     group = trials.groups[0]
     ev = trials.evaluator
@@ -306,10 +308,14 @@ def _one_coefficient(trials: Trials, low: float, high: float, increasing: bool, 
         return probe
 
     safe_end, useful_end = (low, high) if increasing else (high, low)
+    more = (lambda: trials.left > 0)
     first = at(safe_end)
     if first is None or first.feasible:  # the safest point already keeps enough utility: judge it
-        if first is not None:
-            at(safe_end, True)
+        judged = at(safe_end, True) if first is not None else None
+        if judged is not None and not judged.feasible:
+            # it keeps the utility but over-refuses: bisect the judged bounds from the (feasible) useful end, so
+            # the safest coefficient within the over-refusal bound is found (the safety vector's usual case)
+            bisect(passes(True), useful_end, safe_end, tolerance, more)
         return
     last = at(useful_end)
     if last is None or not last.feasible:
@@ -321,7 +327,6 @@ def _one_coefficient(trials: Trials, low: float, high: float, increasing: bool, 
     chosen = at(good, True)
     if chosen is None:
         return
-    more = (lambda: trials.left > 0)
     if chosen.feasible and (not last.judged or last.unsafe_rate > chosen.unsafe_rate):
         bisect(passes(True, chosen.unsafe_rate), good, useful_end, climb_tolerance, more)
     elif not chosen.feasible and trials.evaluator.utility_ok(chosen):
