@@ -143,3 +143,41 @@ def test_added_tokens_without_a_tokenizer_is_one_line(chat_pair: tuple[Path, Pat
     with pytest.raises(CheckpointError, match=rf"^{bare}: the fine-tune's vocabulary has 302 rows and the base's "
                                               r"300; matching rows by token string needs both tokenizers"):
         validate(_config(bare, ft, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("method", ["safe_lora", "safemerge"])
+def test_thresholded_repair_of_an_added_token_finetune(chat_pair: tuple[Path, Path], tmp_path: Path,
+                                                      method: str) -> None:
+    """``--method safe_lora | safemerge`` end to end through the CLI: the written checkpoint is the in-memory
+    candidate at the chosen thresholds bit for bit, with the fine-tune's vocabulary and added rows."""
+    from click.testing import CliRunner
+
+    from mergekit_safe.cli import main
+    from mergekit_safe.repair.command import load_inputs
+    from mergekit_safe.repair.groups import parse_groups
+
+    base, ft = chat_pair
+    unaligned = _save(tmp_path / "unaligned", [], seed=2, noise=0.05)  # the base's vocabulary
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["repair", "--base", str(base), "--finetuned", str(ft), "--unaligned",
+                                  str(unaligned), "--method", method, "--groups", "layers:2", "--harmful-limit", "4",
+                                  "--benign-limit", "4", "--max-new-tokens", "4", "--trials", "6", "--device", "cpu",
+                                  "--no-progress", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "repair_report.json").read_text())
+    assert f"merge_method: {method}" in (out / "mergekit_safe_recipe.yml").read_text()
+    assert _vocab(out) == _vocab(ft)
+    cfg = _config(base, ft, tmp_path / "unused", method=method, unaligned=unaligned, groups="layers:2")
+    loaded = load_inputs(cfg, parse_groups(cfg.groups), "cpu")
+    try:
+        loaded.space.apply(report["chosen"]["coeffs"])
+    finally:
+        loaded.close()
+    params = dict(loaded.model.named_parameters())
+    written = load_file(out / "model.safetensors")
+    f32 = load_file(ft / "model.safetensors")
+    assert set(written) == set(params)
+    for name, t in written.items():
+        assert torch.equal(t, params[name].detach()), name
+    for name in VOCAB:  # never switched: the fine-tune's rows, the added ones included
+        assert torch.equal(written[name], f32[name]), name

@@ -78,7 +78,7 @@ class RepairConfig:
         finetuned: the fine-tune: an HF folder or a PEFT LoRA adapter of ``base``.
         output: output folder (created atomically).
         unaligned: the unaligned model, for ``method="safety_vector"`` (tau = aligned - unaligned, added to the
-            fine-tune).
+            fine-tune), ``safe_lora`` and ``safemerge`` (the alignment direction ``V = aligned - unaligned``).
         harmful: harmful prompts: ``"builtin"`` or a .txt/.jsonl/.csv file.
         benign: benign prompts (over-refusal; default utility rows): ``"builtin"`` or a file.
         utility: jsonl with ``prompt`` / ``response`` rows; None: the fine-tune's own answers to ``benign``.
