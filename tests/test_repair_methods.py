@@ -174,3 +174,43 @@ def test_cli_lists_the_methods() -> None:
     out = CliRunner().invoke(main, ["repair", "--help"]).output
     for m in METHODS_UNDER_TEST:
         assert m in out
+
+
+@pytest.mark.parametrize("method", METHODS_UNDER_TEST)
+def test_lora_finetune_written_is_the_in_memory_candidate(trio: tuple[Path, Path, Path], tmp_path: Path,
+                                                          method: str) -> None:
+    """Safe LoRA's own setting, a LoRA fine-tune: only the adapted matrices switch, and the merged checkpoint the
+    engine writes from the adapter is the candidate bit for bit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_safe.io.adapters import open_input
+    from mergekit_safe.io.reader import open_checkpoint
+    from mergekit_safe.merge.engine import merge
+    from mergekit_safe.repair.command import RepairConfig, build_recipe
+    from mergekit_safe.repair.groups import parse_groups
+    from mergekit_safe.repair.space import build_space
+
+    aligned, _, unaligned = trio
+    lora = tmp_path / "lora"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(aligned),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # peft starts B at zero: make the adapter change the model
+    peft_model.save_pretrained(lora)
+    model = AutoModelForCausalLM.from_pretrained(aligned).eval()
+    spec = parse_groups("layers:2")
+    with open_checkpoint(aligned) as a, open_input(lora, base=aligned) as f, open_checkpoint(unaligned) as u:
+        space = build_space(model, a, f, u, method=method, groups=spec, num_layers=2)
+    assert {n.split(".")[-2] for n in space.names} == {"q_proj", "v_proj", "up_proj"}
+    coeffs = _thresholds(space)
+    space.apply(coeffs)
+    assert 0 < sum(space.switch.is_on(n, coeffs[space.group_of[n]]) for n in space.names) < len(space.names)
+    cfg = RepairConfig(aligned, lora, tmp_path / "out", method=method, groups="layers:2", unaligned=unaligned)
+    merge(build_recipe(cfg, space, spec, coeffs, 2), tmp_path / "out", progress=False)
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    params = dict(model.named_parameters())
+    for n in written:
+        assert torch.equal(written[n], params[n].detach()), n
