@@ -523,7 +523,8 @@ def _in_vocabulary(cfg: RepairConfig, base: Any, ft: Any, unaligned: Any | None,
     try:
         base_vocab = dict(AutoTokenizer.from_pretrained(str(cfg.base), trust_remote_code=False).get_vocab())
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
-        raise CheckpointError(f"{cfg.base}: cannot load the tokenizer ({str(e).strip().splitlines()[0]})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{cfg.base}: cannot load the tokenizer ({first})") from None
     target = dict(ft_tokenizer.get_vocab())
     un = InVocabulary(unaligned, base_vocab, target, ft) if unaligned is not None else None
     return InVocabulary(base, base_vocab, target, ft), un
