@@ -181,3 +181,13 @@ def test_thresholded_repair_of_an_added_token_finetune(chat_pair: tuple[Path, Pa
         assert torch.equal(t, params[name].detach()), name
     for name in VOCAB:  # never switched: the fine-tune's rows, the added ones included
         assert torch.equal(written[name], f32[name]), name
+
+
+def test_a_broken_base_tokenizer_is_one_line(chat_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ft = chat_pair
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"^{broken}: cannot load the tokenizer \("):
+        repair(_config(broken, ft, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
