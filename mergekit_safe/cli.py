@@ -318,7 +318,7 @@ _STORAGE_HELP = ("Optuna storage URL, e.g. sqlite:///repair.db: the same command
 @click.option("--finetuned", required=True, type=click.Path(path_type=Path),
               help="The fine-tune: an HF folder or a PEFT LoRA adapter of --base.")
 @click.option("--unaligned", type=click.Path(path_type=Path),
-              help="The unaligned model, for --method safety_vector (tau = aligned - unaligned).")
+              help="The unaligned model, for --method safety_vector, safe_lora and safemerge (V = aligned - unaligned).")
 @click.option("--harmful", default="builtin", show_default=True,
               help="Harmful prompts: builtin or a .txt/.jsonl/.csv file.")
 @click.option("--benign", default="builtin", show_default=True,

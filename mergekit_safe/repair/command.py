@@ -60,7 +60,7 @@ from mergekit_safe.repair.report import (
     plot_report,
     rate_dict,
 )
-from mergekit_safe.repair.space import CandidateSpace, build_space
+from mergekit_safe.repair.space import SWITCHED, CandidateSpace, build_space, safemerge_weights, vocab_rows_differ
 from mergekit_safe.repair.strategies import SearchResult, run_search, search_method
 
 log = logging.getLogger("mergekit_safe")
@@ -78,7 +78,7 @@ class RepairConfig:
         finetuned: the fine-tune: an HF folder or a PEFT LoRA adapter of ``base``.
         output: output folder (created atomically).
         unaligned: the unaligned model, for ``method="safety_vector"`` (tau = aligned - unaligned, added to the
-            fine-tune).
+            fine-tune), ``safe_lora`` and ``safemerge`` (the alignment direction ``V = aligned - unaligned``).
         harmful: harmful prompts: ``"builtin"`` or a .txt/.jsonl/.csv file.
         benign: benign prompts (over-refusal; default utility rows): ``"builtin"`` or a file.
         utility: jsonl with ``prompt`` / ``response`` rows; None: the fine-tune's own answers to ``benign``.
@@ -206,15 +206,22 @@ def _config_of(path: Path) -> dict[str, Any]:
         return {}
 
 
-def check_same_architecture(a: Path, b: Path) -> None:
+def check_same_architecture(a: Path, b: Path, *, added_tokens: bool = False) -> None:
     """Refuse two checkpoints of different architectures (config fields, then tensor names and shapes).
+
+    Args:
+        a, b: the two model folders.
+        added_tokens: ``b`` may have another vocabulary (``vocab_size`` and the embedding / head row counts), as
+            a fine-tune that added tokens has, provided both folders have a tokenizer to match rows by string.
 
     Raises:
         CheckpointError: naming the first difference.
     """
+    from mergekit_safe.merge.vocab import TOKENIZER_FILES, is_vocab_tensor
+
     ca, cb = _config_of(a), _config_of(b)
     for k in _ARCH_KEYS:
-        if k in ca and k in cb and ca[k] != cb[k]:
+        if k in ca and k in cb and ca[k] != cb[k] and not (added_tokens and k == "vocab_size"):
             raise CheckpointError(f"{b}: different architecture from {a} ({k}: {cb[k]!r} vs {ca[k]!r}); "
                                   "repair needs a fine-tune of the base model")
     with open_checkpoint(a) as x, open_checkpoint(b) as y:
@@ -222,10 +229,18 @@ def check_same_architecture(a: Path, b: Path) -> None:
             if name not in y:
                 raise CheckpointError(f"{b}: different architecture from {a} (no tensor {name!r}); "
                                       "repair needs a fine-tune of the base model")
-            if x.info(name).shape != y.info(name).shape:
-                raise CheckpointError(f"{b}: different architecture from {a} (tensor {name!r} has shape "
-                                      f"{list(y.info(name).shape)} vs {list(x.info(name).shape)}); "
-                                      "repair needs a fine-tune of the base model")
+            sa, sb = tuple(x.info(name).shape), tuple(y.info(name).shape)
+            if sa == sb:
+                continue
+            if added_tokens and is_vocab_tensor(name, sa) and sa[1:] == sb[1:]:
+                for folder in (a, b):
+                    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+                        raise CheckpointError(f"{folder}: the fine-tune's vocabulary has {sb[0]} rows and the "
+                                              f"base's {sa[0]}; matching rows by token string needs both "
+                                              "tokenizers, and this folder has none")
+                continue
+            raise CheckpointError(f"{b}: different architecture from {a} (tensor {name!r} has shape "
+                                  f"{list(sb)} vs {list(sa)}); repair needs a fine-tune of the base model")
 
 
 def check_adapter_fits(adapter: AdapterCheckpoint) -> None:
@@ -307,6 +322,11 @@ def _check_settings(cfg: RepairConfig) -> GroupSpec:
     _check_workers(cfg, groups)
     if cfg.method == "safety_vector" and cfg.unaligned is None:
         raise SearchError("--method safety_vector needs --unaligned (tau = aligned - unaligned)")
+    if search_method(cfg.method).needs_unaligned and cfg.unaligned is None:
+        raise SearchError(f"--method {cfg.method} needs --unaligned (the alignment direction V = aligned - unaligned)")
+    if cfg.method in SWITCHED and groups.auto:  # sensitivities are derivatives along tau; a switch has none
+        raise SearchError(f"--groups {groups} works with a continuous coefficient; --method {cfg.method} switches "
+                          "whole weight matrices by a threshold: use global, layers:K or modules")
     if cfg.as_adapter and cfg.method != "lerp":
         raise SearchError(f"--as-adapter works with --method lerp only (got {cfg.method}): a scaled lora_B is a lerp")
     return groups
@@ -350,7 +370,7 @@ def _check_architectures(cfg: RepairConfig) -> None:
         finally:
             ft.close()
     else:
-        check_same_architecture(Path(cfg.base), Path(cfg.finetuned))
+        check_same_architecture(Path(cfg.base), Path(cfg.finetuned), added_tokens=True)
     if cfg.unaligned is not None:
         check_same_architecture(Path(cfg.base), Path(cfg.unaligned))
 
@@ -401,9 +421,19 @@ def build_recipe(cfg: RepairConfig, space: CandidateSpace, groups: GroupSpec, co
     rules = coefficient_rules(space.group_of, groups, coeffs)
     base, ft = str(cfg.base), str(cfg.finetuned)
     params: dict[str, Any] = {method.coefficient: rules}
+    grown = False  # an added-token fine-tune: the output takes its vocabulary and tokenizer, whatever the method
+    if not is_adapter(cfg.finetuned):
+        with open_checkpoint(cfg.base) as b, open_checkpoint(cfg.finetuned) as f:
+            grown = vocab_rows_differ(b, f)
     if method.name == "safety_vector":
         recipe = Recipe(method.recipe_method, [ModelSpec(base), ModelSpec(str(cfg.unaligned))], base_model=ft,
                         parameters=params, tokenizer_source="base")
+    elif method.name in SWITCHED:
+        models = [ModelSpec(ft), ModelSpec(str(cfg.unaligned))]
+        if method.name == "safemerge":  # the safety model is the aligned base: weight 0 (see safemerge_weights)
+            models.append(ModelSpec(ft))
+            params.update(safemerge_weights())
+        recipe = Recipe(method.recipe_method, models, base_model=base, parameters=params)
     else:
         if method.name == "dare_linear":
             params.update(seed=cfg.seed, rescale=True, normalize=False)
@@ -411,6 +441,8 @@ def build_recipe(cfg: RepairConfig, space: CandidateSpace, groups: GroupSpec, co
             params.update(normalize=True)
         model = ModelSpec(ft, {"density": cfg.density}) if method.sparsified else ModelSpec(ft)
         recipe = Recipe(method.recipe_method, [model], base_model=base, parameters=params)
+    if grown and method.name != "safety_vector":  # the safety vector's base_model is the fine-tune already
+        recipe.tokenizer_source = ft
     recipe.source = "repair"
     recipe.validate()
     for n in space.names:
@@ -492,6 +524,8 @@ def _space(cfg: RepairConfig, model: Any, groups: GroupSpec, num_layers: int, ba
            unaligned: Any | None) -> CandidateSpace:
     if cfg.method == "safety_vector":
         return build_space(model, ft, base, unaligned, method="safety_vector", groups=groups, num_layers=num_layers)
+    if cfg.method in SWITCHED:
+        return build_space(model, base, ft, unaligned, method=cfg.method, groups=groups, num_layers=num_layers)
     names = None
     if isinstance(ft, AdapterCheckpoint):  # only the tensors the adapter changes
         targets = set(ft.lora_targets())
@@ -500,21 +534,46 @@ def _space(cfg: RepairConfig, model: Any, groups: GroupSpec, num_layers: int, ba
                        density=cfg.density, seed=cfg.seed, names=names)
 
 
+def _in_vocabulary(cfg: RepairConfig, base: Any, ft: Any, unaligned: Any | None, ft_tokenizer: Any) -> tuple[Any, Any]:
+    """The base and unaligned checkpoints read in the fine-tune's vocabulary (an added-token fine-tune); the
+    unaligned model shares the base's architecture and is read with the base's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from mergekit_safe.repair.space import InVocabulary
+
+    try:
+        base_vocab = dict(AutoTokenizer.from_pretrained(str(cfg.base), trust_remote_code=False).get_vocab())
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{cfg.base}: cannot load the tokenizer ({first})") from None
+    target = dict(ft_tokenizer.get_vocab())
+    un = InVocabulary(unaligned, base_vocab, target, ft) if unaligned is not None else None
+    return InVocabulary(base, base_vocab, target, ft), un
+
+
 def load_inputs(cfg: RepairConfig, groups: GroupSpec, device: str) -> Loaded:
-    """Phase 1: load the base model on ``device`` and build the task vector's candidate space.
+    """Phase 1: load the model on ``device`` and build the task vector's candidate space.
+
+    A fine-tune that added tokens (more embedding / head rows than the base) is loaded itself, with its own
+    tokenizer and config; the base (and unaligned) checkpoints are then read in its vocabulary by token string
+    (:class:`~mergekit_safe.repair.space.InVocabulary`), so the added tokens' rows stay the fine-tune's.
 
     Raises:
         SearchError: more layer bands than layers, or checkpoints that do not fit the model.
     """
     from mergekit_safe.eval import load_model
+    from mergekit_safe.repair.space import vocab_rows_differ
 
-    model, tok = load_model(cfg.base, dtype="float32", device=device)
-    num_layers = count_layers(model.config, fallback_names=(n for n, _ in model.named_parameters()))
-    check_groups(groups, num_layers)
     base_ck = open_input(cfg.base)
     ft_ck = open_input(cfg.finetuned, base=cfg.base)
     un_ck = open_input(cfg.unaligned) if cfg.unaligned is not None else None
     try:
+        grown = not isinstance(ft_ck, AdapterCheckpoint) and vocab_rows_differ(base_ck, ft_ck)
+        model, tok = load_model(cfg.finetuned if grown else cfg.base, dtype="float32", device=device)
+        if grown:
+            base_ck, un_ck = _in_vocabulary(cfg, base_ck, ft_ck, un_ck, tok)
+        num_layers = count_layers(model.config, fallback_names=(n for n, _ in model.named_parameters()))
+        check_groups(groups, num_layers)
         space = _space(cfg, model, groups, num_layers, base_ck, ft_ck, un_ck)
     except BaseException:
         for c in (base_ck, ft_ck, un_ck):
@@ -896,10 +955,12 @@ def build_evaluator(cfg: RepairConfig, loaded: Loaded, meter: Meter, refs: Refer
                           refs.max_over_refusal, refs.bound.utility_min, fallback_fn=meter.subsample_unsafe,
                           min_rank=cfg.min_proxy_rank)
     space, base, ft = loaded.space, refs.base, refs.finetuned
-    if cfg.method == "safety_vector":
-        evaluator.seed(space.uniform(0.0), ft["nll"], refs.finetuned_judged, -2)
+    zero = space.uniform(0.0)
+    if search_method(cfg.method).starts_from == "finetuned":
+        if space.at_base(zero):  # a threshold of 0 may already switch a tensor on: then it is no reference
+            evaluator.seed(zero, ft["nll"], refs.finetuned_judged, -2)
     else:
-        evaluator.seed(space.uniform(0.0), base["nll"], refs.base_judged, -1)
+        evaluator.seed(zero, base["nll"], refs.base_judged, -1)
     if cfg.method == "lerp":
         evaluator.seed(space.uniform(1.0), ft["nll"], refs.finetuned_judged, -2)
     return evaluator

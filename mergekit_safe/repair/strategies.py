@@ -2,7 +2,8 @@
 
 A *method* says how a coefficient moves the model: every one is ``base + a * tau`` with a method-specific base
 and tau (:data:`METHODS`, the one registry; the CLI's ``--method`` choices and the recipe that writes the result
-come from it). A *strategy* says how coefficients are chosen:
+come from it). The thresholded methods (``safe_lora``, ``safemerge``) are the same form with a per-tensor ``a``
+of 0 or 1 decided by the group's threshold (:class:`~mergekit_safe.repair.space.Switch`). A *strategy* says how coefficients are chosen:
 
 * ``bracket`` (one group): utility and unsafe rate both move monotonically with the coefficient, so bisection on
   the cheap utility bound brackets the safest feasible coefficient, one generation run confirms it, and a short
@@ -44,7 +45,9 @@ class SearchMethod:
         increasing: utility (and the unsafe rate) grow with the coefficient; False when the coefficient adds
             safety (the safety vector).
         sparsified: the task vector is processed with ``density`` and ``seed`` (DARE / TIES).
-        needs_unaligned: tau is ``aligned - unaligned`` and needs a third model.
+        needs_unaligned: the method needs a third model, the unaligned one (``V = aligned - unaligned``).
+        starts_from: the checkpoint all-zero coefficients start from: ``base`` (the aligned model) or
+            ``finetuned``.
         help: one line for the CLI.
     """
 
@@ -54,11 +57,14 @@ class SearchMethod:
     increasing: bool = True
     sparsified: bool = False
     needs_unaligned: bool = False
+    starts_from: str = "base"
     help: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or not self.coefficient:
             raise ValueError(f"search method {self!r}: needs a name and a coefficient parameter")
+        if self.starts_from not in ("base", "finetuned"):
+            raise ValueError(f"search method {self.name!r}: starts_from must be 'base' or 'finetuned'")
 
 
 #: The one registry of search methods, by name.
@@ -68,7 +74,15 @@ METHODS: dict[str, SearchMethod] = {m.name: m for m in (
                  help="base + a * DARE(finetuned - base) at --density"),
     SearchMethod("ties", "ties", "lambda", sparsified=True, help="base + a * TIES-trim(finetuned - base)"),
     SearchMethod("safety_vector", "safety_vector", "scale", increasing=False, needs_unaligned=True,
-                 help="finetuned + a * (base - unaligned)"),
+                 starts_from="finetuned", help="finetuned + a * (base - unaligned)"),
+    # the threshold a adds safety: a larger one projects (merges) more weight matrices, so increasing=False
+    SearchMethod("safe_lora", "safe_lora", "threshold", increasing=False, needs_unaligned=True,
+                 starts_from="finetuned",
+                 help="Safe LoRA: weight matrices with cos(P D, D) <= a become base + P D (V = base - unaligned)"),
+    SearchMethod("safemerge", "safemerge", "threshold", increasing=False, needs_unaligned=True,
+                 starts_from="finetuned",
+                 help="SafeMERGE: weight matrices with cos(P D, D) < a become base + 0.8 D (the base is the safety "
+                      "model)"),
 )}
 
 
