@@ -17,7 +17,12 @@ import torch
 
 from mergekit_safe.merge import geometry, sparsify
 from mergekit_safe.merge.recipe import ModelSpec, Recipe
-from mergekit_safe.merge.streaming import TensorsStream, aligned_blocks, kth_smallest, run_whole
+from mergekit_safe.merge.streaming import (
+    TensorsStream,
+    aligned_blocks,
+    kth_smallest,
+    run_whole,
+)
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 BIG = 64 << 20  # elements of the memory test's tensor: 128 MiB of bfloat16
@@ -91,11 +96,11 @@ def test_streamed_equals_the_whole_tensor_code(case: str, dtype: torch.dtype, ch
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["breadcrumbs_ties", "sce", "model_stock", "multislerp"])
 def test_streamed_equals_whole_across_reduction_blocks(case: str) -> None:
-    # past one float64 block (REDUCE_BLOCK = GRAM_CHUNK = 2**20): chunk boundaries fall inside blocks and
-    # blocks straddle chunks, so the stitching in aligned_blocks decides the bits
-    assert sparsify.REDUCE_BLOCK == geometry.GRAM_CHUNK == 1 << 20
+    # past one float64 block of each reduction (the Gram's and the norms'): chunk boundaries fall inside blocks
+    # and blocks straddle chunks, so the stitching in aligned_blocks decides the bits
     method, params, model_params, n, whole = CASES[case]
     base, models = inputs((1024, 1100), torch.bfloat16, n)
+    assert base.numel() > geometry.GRAM_CHUNK > sparsify.REDUCE_BLOCK and 300_007 % sparsify.REDUCE_BLOCK
     want = whole(base, models, torch.float32)
     got = streamed(method, base, models, params, model_params, 300_007)
     assert torch.equal(got, want), f"{case}: {int((got != want).sum())} of {got.numel()} differ"

@@ -12,8 +12,9 @@ counter hash (:func:`mergekit_safe.kernels.reference.dare_hash`, keyed by the re
 name and model index) with each element's keep probability, so a merge is the same on every run and device.
 With ``epsilon = 0`` DELLA draws exactly DARE's mask.
 
-Every function here needs whole tensors (a rank, a top-k or a norm over the tensor): the engine hands them
-one tensor at a time, so memory is bounded by the largest tensor times the number of inputs, not the model.
+The functions of the first part work on whole tensors (a rank, a top-k or a norm over the tensor). The second
+part runs ``breadcrumbs``, ``breadcrumbs_ties`` and ``sce`` as passes over chunks for the engine (memory set by
+the chunk), bit-identical to the whole-tensor functions; DELLA stays whole-tensor (see the note there).
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ import torch
 from mergekit_safe import kernels
 from mergekit_safe.errors import RecipeError
 from mergekit_safe.kernels import reference
-from mergekit_safe.merge.streaming import Chunk, Streamed, TensorStream, aligned_blocks, chunk_deltas, kth_smallest
-from mergekit_safe.merge.streaming import run_whole
+from mergekit_safe.merge.streaming import (
+    Chunk,
+    Streamed,
+    TensorStream,
+    aligned_blocks,
+    chunk_deltas,
+    kth_smallest,
+    run_whole,
+)
 
 SPARSIFY_METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 # Norms below this are treated as zero when rescaling (mergekit's value).
