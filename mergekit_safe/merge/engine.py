@@ -569,7 +569,7 @@ class _CheckpointStream:
 
     def __init__(self, plan: _Plan, spec: TensorSpec, has_base: bool, chunk_elems: int, dev: torch.device) -> None:
         self.plan, self.name, self.has_base, self.dev = plan, spec.name, has_base, dev
-        self.numel = math.prod(spec.shape)
+        self.numel, self.shape = math.prod(spec.shape), tuple(spec.shape)
         self.step = max(1, chunk_elems)
 
     def chunks(self) -> Iterator[Chunk]:

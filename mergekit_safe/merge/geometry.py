@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from mergekit_safe import kernels
 from mergekit_safe.errors import MergeKitSafeError
 from mergekit_safe.kernels import reference
+from mergekit_safe.merge.streaming import Chunk, TensorStream, aligned_blocks
 
 GRAM_CHUNK = 1 << 20  # elements per float64 slice: 8 MB of scratch per input, whatever the tensor's size
 
@@ -37,16 +39,46 @@ def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, chun
     Returns:
         An ``(N, N)`` float64 CPU tensor.
     """
-    n = len(tensors)
-    acc = torch.zeros(n, n, dtype=torch.float64, device=tensors[0].device)
+    acc = torch.zeros(len(tensors), len(tensors), dtype=torch.float64, device=tensors[0].device)
     flats = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1) if base is not None else None
     for start in range(0, flats[0].numel(), chunk):
-        rows = torch.stack([f[start:start + chunk].to(torch.float64) for f in flats])
-        if flat_base is not None:
-            rows -= flat_base[start:start + chunk].to(torch.float64)
-        acc += rows @ rows.T
+        piece = flat_base[start:start + chunk] if flat_base is not None else None
+        _add_gram_block(acc, [f[start:start + chunk] for f in flats], piece)
     return acc.cpu()
+
+
+def gram_stream(stream: TensorStream, subtract_base: bool, include_base: bool = False) -> torch.Tensor:
+    """:func:`gram` of a stream's inputs, read chunk by chunk and bit-identical to :func:`gram` on the whole
+    tensors: the float64 blocks are cut at the same flat offsets (multiples of :data:`GRAM_CHUNK`) whatever the
+    chunk size, and added in the same order.
+
+    Args:
+        stream: the tensor's inputs.
+        subtract_base: Gram of ``model_i - base`` (the stream has a base).
+        include_base: the base is one more input (first), itself not subtracted.
+
+    Returns:
+        An ``(N, N)`` float64 CPU tensor.
+    """
+    acc: torch.Tensor | None = None
+    for base, models in aligned_blocks(stream, GRAM_CHUNK):
+        inputs = ([base] if include_base and base is not None else []) + models
+        if acc is None:
+            acc = torch.zeros(len(inputs), len(inputs), dtype=torch.float64, device=inputs[0].device)
+        _add_gram_block(acc, inputs, base if subtract_base else None)
+    assert acc is not None
+    return acc.cpu()
+
+
+def _add_gram_block(acc: torch.Tensor, pieces: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
+    # one float64 buffer, filled in place: the only scratch that scales with the block
+    rows = torch.empty(len(pieces), pieces[0].numel(), dtype=torch.float64, device=pieces[0].device)
+    for row, p in zip(rows, pieces):
+        row.copy_(p)
+        if base is not None:
+            row.sub_(base)  # computed in float64 (the exact widening of base), as base.to(float64) would be
+    acc += rows @ rows.T
 
 
 def _combine(base: torch.Tensor | None, models: Sequence[torch.Tensor], coeffs: Sequence[float],
@@ -77,17 +109,21 @@ def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], filter_wise:
     Returns:
         ``t * mean(models) + (1 - t) * base``.
     """
-    n = len(models)
     if filter_wise:
         return _model_stock_rows(base, models, out_dtype)
-    g = gram(models, base)
+    return _combine(base, models, model_stock_coefficients(gram(models, base)), out_dtype)
+
+
+def model_stock_coefficients(g: torch.Tensor) -> list[float]:
+    """Model Stock's coefficient ``t / N`` of each task vector, from the task vectors' Gram matrix."""
+    n = g.shape[0]
     norms = g.diagonal().sqrt()
     cos = [max(-1.0, min(1.0, float(g[i, j]) / max(float(norms[i] * norms[j]), 1e-6)))
            for i in range(n) for j in range(i + 1, n)]
     c = sum(cos) / len(cos)
     den = 1.0 + (n - 1) * c
     t = 0.0 if abs(den) < 1e-6 else n * c / den
-    return _combine(base, models, [t / n] * n, out_dtype)
+    return [t / n] * n
 
 
 def _model_stock_rows(base: torch.Tensor, models: Sequence[torch.Tensor],
@@ -139,8 +175,7 @@ def nuslerp(base: torch.Tensor | None, models: Sequence[torch.Tensor], weights: 
     Returns:
         The interpolated tensor.
     """
-    total = float(weights[0]) + float(weights[1])
-    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+    t = _nuslerp_t(weights)
     if flatten or models[0].dim() == 0:
         g = gram(models, base)
         c0, c1 = slerp_pair_coefficients(float(g[0, 1]), math.sqrt(g[0, 0]), math.sqrt(g[1, 1]), t)
@@ -161,6 +196,11 @@ def nuslerp(base: torch.Tensor | None, models: Sequence[torch.Tensor], weights: 
     if base is not None:
         out = out + base.to(cd)
     return out.to(out_dtype or (base if base is not None else models[0]).dtype)
+
+
+def _nuslerp_t(weights: Sequence[float]) -> float:
+    total = float(weights[0]) + float(weights[1])
+    return 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
 
 
 def multislerp_coefficients(g: torch.Tensor, weights: Sequence[float], normalize: bool = True,
@@ -270,3 +310,89 @@ def nearswap(base: torch.Tensor, model: torch.Tensor, t: float, out_dtype: torch
     (the nearswap kernel: Triton on CUDA).
     """
     return kernels.nearswap(base, model, t, out_dtype=out_dtype)
+
+
+# --- the same methods as passes over chunks (the engine's streamed path): one Gram pass, one weighted-sum pass ---
+#
+# prepare() returns the coefficients of one weighted sum over the chunk's inputs (base first when there is one),
+# computed by the functions above from gram_stream(), which is bit-identical to gram() on whole tensors: so a
+# streamed merge equals the whole-tensor function exactly. The row-wise options (model_stock's filter_wise,
+# nuslerp without flatten) have one set of coefficients per row and are not streamed: their prepare gathers the
+# whole tensors and computes the result once (memory as before, the largest tensor times the inputs).
+
+COPY_FIRST_MODEL = "copy"  # state: the output is the first model, unchanged
+
+
+def _with_base(cs: Sequence[float]) -> list[float]:
+    """Coefficients over ``[base, *models]`` of ``base + sum_i c_i (m_i - base)`` (as :func:`_combine`)."""
+    cs = [float(c) for c in cs]
+    return [1.0 - sum(cs), *cs]
+
+
+def apply_coefficients(chunk: Chunk, params: object, state: object, out_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk of a geometric merge: the weighted sum ``prepare`` planned (or its precomputed slice)."""
+    if isinstance(state, torch.Tensor):  # a row-wise option: computed whole in prepare, in the compute dtype
+        return state[chunk.start:chunk.stop].to(out_dtype)
+    if state == COPY_FIRST_MODEL:
+        return chunk.models[0].to(out_dtype)
+    inputs = ([chunk.base] if chunk.base is not None else []) + list(chunk.models)
+    out = torch.empty(chunk.stop - chunk.start, dtype=out_dtype, device=inputs[0].device)
+    return kernels.weighted_sum(inputs, [float(c) for c in state], out=out)  # type: ignore[union-attr]
+
+
+def gather(stream: TensorStream) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The stream's whole tensors, in their shape (for the options that need whole rows)."""
+    bases, models = [], []
+    for chunk in stream.chunks():
+        if chunk.base is not None:
+            bases.append(chunk.base.clone())
+        models.append([m.clone() for m in chunk.models])
+    whole = [torch.cat(ms).view(stream.shape) for ms in zip(*models)]
+    return (torch.cat(bases).view(stream.shape) if bases else None), whole
+
+
+def model_stock_prepare(stream: TensorStream, p: Any) -> object:
+    """Streamed :func:`model_stock`: ``p`` holds ``filter_wise``."""
+    if bool(p["filter_wise"]):
+        base, models = gather(stream)
+        assert base is not None
+        return _model_stock_rows(base, models, reference.compute_dtype(base, *models)).reshape(-1)
+    return _with_base(model_stock_coefficients(gram_stream(stream, subtract_base=True)))
+
+
+def nuslerp_prepare(stream: TensorStream, p: Any) -> object:
+    """Streamed :func:`nuslerp`: ``p`` holds ``weight`` (per model), ``nuslerp_row_wise``, ``nuslerp_flatten``."""
+    weights = p.per_model["weight"]
+    if not bool(p["nuslerp_flatten"]) and len(stream.shape) > 0:
+        base, models = gather(stream)
+        cd = reference.compute_dtype(*models, *([base] if base is not None else []))
+        return nuslerp(base, models, weights, bool(p["nuslerp_row_wise"]), False, out_dtype=cd).reshape(-1)
+    has_base = next(iter(stream.chunks())).base is not None
+    g = gram_stream(stream, subtract_base=has_base)
+    cs = slerp_pair_coefficients(float(g[0, 1]), math.sqrt(g[0, 0]), math.sqrt(g[1, 1]), _nuslerp_t(weights))
+    return _with_base(cs) if has_base else list(cs)
+
+
+def multislerp_prepare(stream: TensorStream, p: Any) -> object:
+    """Streamed :func:`multislerp`: ``p`` holds ``weight`` (per model), ``normalize_weights``, ``eps``."""
+    weights = p.per_model["weight"]
+    if len(weights) == 1:
+        return COPY_FIRST_MODEL
+    has_base = next(iter(stream.chunks())).base is not None
+    cs = multislerp_coefficients(gram_stream(stream, subtract_base=has_base), weights,
+                                 bool(p["normalize_weights"]), float(p["eps"]))
+    return _with_base(cs) if has_base else cs
+
+
+def karcher_prepare(stream: TensorStream, p: Any) -> object:
+    """Streamed :func:`karcher` (a base is one more input): ``p`` holds ``max_iter`` and ``tol``."""
+    g = gram_stream(stream, subtract_base=False, include_base=True)
+    if g.shape[0] == 1:
+        return COPY_FIRST_MODEL
+    return karcher_coefficients(g, int(p["max_iter"]), float(p["tol"]))
+
+
+def nearswap_apply(chunk: Chunk, p: Any, state: object, out_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk of :func:`nearswap` (elementwise): ``p`` holds ``t``."""
+    assert chunk.base is not None
+    return nearswap(chunk.base, chunk.models[0], float(p["t"]), out_dtype=out_dtype)

@@ -410,38 +410,6 @@ def _gta(sparsification: str, consensus: bool) -> Callable[[TensorJob], torch.Te
     return combine
 
 
-def _sce(job: TensorJob) -> torch.Tensor:
-    assert job.base is not None
-    return sparsify.sce_merge(job.base, job.models, float(job.params["select_topk"]), out_dtype=job.out_dtype)
-
-
-def _model_stock(job: TensorJob) -> torch.Tensor:
-    assert job.base is not None
-    return geometry.model_stock(job.base, job.models, bool(job.params["filter_wise"]), out_dtype=job.out_dtype)
-
-
-def _nuslerp(job: TensorJob) -> torch.Tensor:
-    p = job.params
-    return geometry.nuslerp(job.base, job.models, p.per_model["weight"], bool(p["nuslerp_row_wise"]),
-                            bool(p["nuslerp_flatten"]), out_dtype=job.out_dtype)
-
-
-def _multislerp(job: TensorJob) -> torch.Tensor:
-    p = job.params
-    return geometry.multislerp(job.base, job.models, p.per_model["weight"], bool(p["normalize_weights"]),
-                               float(p["eps"]), out_dtype=job.out_dtype)
-
-
-def _karcher(job: TensorJob) -> torch.Tensor:
-    inputs = ([job.base] if job.base is not None else []) + list(job.models)
-    return geometry.karcher(inputs, int(job.params["max_iter"]), float(job.params["tol"]), out_dtype=job.out_dtype)
-
-
-def _nearswap(job: TensorJob) -> torch.Tensor:
-    assert job.base is not None
-    return geometry.nearswap(job.base, job.models[0], float(job.params["t"]), out_dtype=job.out_dtype)
-
-
 def _passthrough(p: Resolved, has_base: bool, n: int) -> list[float]:
     return [float(s) for s in p.per_model["scale"]]
 
@@ -454,14 +422,14 @@ register(MergeMethod(
     "then the smallest abs(tau_i) down to density*n",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
-    combine=_gta("magnitude_outliers", consensus=False),
+    stream=sparsify.BREADCRUMBS,
 ))
 register(MergeMethod(
     "breadcrumbs_ties", "breadcrumbs' masks, then TIES: only entries with the sign of sum_i w_i*m_i*tau_i count "
     "(divided by their weights when normalize)",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _GAMMA, _LAMBDA, _normalize(False), _rescale_l1(False), _INT8_MASK),
-    combine=_gta("magnitude_outliers", consensus=True),
+    stream=sparsify.BREADCRUMBS_TIES,
 ))
 register(MergeMethod(
     "della", "DELLA: keep tau_i entries with prob density-epsilon+2*epsilon*rank(abs(tau_i)) (seeded), L1 "
@@ -482,14 +450,14 @@ register(MergeMethod(
     base="required", min_models=1, max_models=None,
     params=(Param("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept"),
             _INT8_MASK),
-    combine=_sce,
+    stream=sparsify.SCE,
 ))
 register(MergeMethod(
     "model_stock", "Model Stock: base + t*(mean(models) - base), t = N*cos/(1+(N-1)*cos) from the task "
     "vectors' mean pairwise cosine",
     base="required", min_models=2, max_models=None,
     params=(Param("filter_wise", False, tensor=False, doc="one t per row instead of per tensor"),),
-    combine=_model_stock,
+    stream=Streamed(geometry.apply_coefficients, geometry.model_stock_prepare),
 ))
 register(MergeMethod(
     "nuslerp", "(sin((1-t)*theta)*v0 + sin(t*theta)*v1)/sin(theta), t = w1/(w0+w1), v = model or model - base "
@@ -497,7 +465,7 @@ register(MergeMethod(
     base="optional", min_models=2, max_models=2,
     params=(_WEIGHT, Param("nuslerp_row_wise", False, tensor=False, doc="without flatten: SLERP columns"),
             Param("nuslerp_flatten", True, tensor=False, doc="SLERP the whole tensor as one vector")),
-    combine=_nuslerp,
+    stream=Streamed(geometry.apply_coefficients, geometry.nuslerp_prepare),
 ))
 register(MergeMethod(
     "multislerp", "mean_i(w_i*norm_i) * exp_m(sum_i w_i*log_m(u_i)): barycentric SLERP of N models (task "
@@ -505,7 +473,7 @@ register(MergeMethod(
     base="optional", min_models=1, max_models=None,
     params=(_WEIGHT, Param("normalize_weights", True, tensor=False, doc="divide the weights by their sum"),
             Param("eps", 1e-8, tensor=False, low=0.0, doc="numerical floor of the norms")),
-    combine=_multislerp,
+    stream=Streamed(geometry.apply_coefficients, geometry.multislerp_prepare),
 ))
 register(MergeMethod(
     "karcher", "mean_i(norm_i) * argmin_m sum_i angle(m, u_i)^2 (Riemannian mean on the sphere, fixed-point "
@@ -513,14 +481,14 @@ register(MergeMethod(
     base="optional", min_models=1, max_models=None,
     params=(Param("max_iter", 10, tensor=False, low=1, doc="most fixed-point iterations"),
             Param("tol", 1e-5, tensor=False, low=0.0, doc="convergence tolerance of the tangent step")),
-    combine=_karcher,
+    stream=Streamed(geometry.apply_coefficients, geometry.karcher_prepare),
 ))
 register(MergeMethod(
     "nearswap", "w*model + (1-w)*base, w = clamp(t/abs(base - model), 0, 1): the model's value where it is "
     "within t of the base",
     base="required", min_models=1, max_models=1,
     params=(Param("t", None, low=0.0, doc="distance below which the model's value is taken"),),
-    combine=_nearswap,
+    stream=Streamed(geometry.nearswap_apply),
 ))
 register(MergeMethod(
     "passthrough", "scale*model: copy one model (the building block of slices recipes)",

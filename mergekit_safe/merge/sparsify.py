@@ -12,25 +12,38 @@ counter hash (:func:`mergekit_safe.kernels.reference.dare_hash`, keyed by the re
 name and model index) with each element's keep probability, so a merge is the same on every run and device.
 With ``epsilon = 0`` DELLA draws exactly DARE's mask.
 
-Every function here needs whole tensors (a rank, a top-k or a norm over the tensor): the engine hands them
-one tensor at a time, so memory is bounded by the largest tensor times the number of inputs, not the model.
+The functions of the first part work on whole tensors (a rank, a top-k or a norm over the tensor). The second
+part runs ``breadcrumbs``, ``breadcrumbs_ties`` and ``sce`` as passes over chunks for the engine (memory set by
+the chunk), bit-identical to the whole-tensor functions; DELLA stays whole-tensor (see the note there).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mergekit_safe import kernels
 from mergekit_safe.errors import RecipeError
 from mergekit_safe.kernels import reference
+from mergekit_safe.merge.streaming import (
+    Chunk,
+    Streamed,
+    TensorStream,
+    aligned_blocks,
+    chunk_deltas,
+    kth_smallest,
+    run_whole,
+)
 
 SPARSIFY_METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 # Norms below this are treated as zero when rescaling (mergekit's value).
 _RESCALE_EPS = 1e-7
 HASH_CHUNK = 1 << 20  # elements hashed at a time by the random masks (bounds their int64 temporaries)
+REDUCE_BLOCK = 1 << 16  # elements per float64 partial sum of the per-tensor norms (fixed: chunk-independent bits)
 
 
 def keep_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -120,14 +133,36 @@ def keep_random(probs: torch.Tensor | float, shape: torch.Size, seed: int, tid: 
     return keep.view(shape)
 
 
+def l1_norm(t: torch.Tensor, block: int = REDUCE_BLOCK) -> float:
+    """L1 norm in float64, summed per flat block of ``block`` elements and the block sums added in order.
+
+    The blocks sit at fixed offsets, so the chunked merges (:func:`streaming.aligned_blocks`) get the same bits.
+    """
+    flat = t.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), block):
+        total += _l1_block(flat[start:start + block])
+    return total
+
+
+def _l1_block(x: torch.Tensor) -> float:
+    return float(x.to(torch.float64).abs().sum())
+
+
+def _rescale_factor(before: float, after: float) -> float | None:
+    """mergekit's L1 rescale factor, or None (unscaled) when either norm is ~0."""
+    return None if before < _RESCALE_EPS or after < _RESCALE_EPS else before / after
+
+
+def _masked(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return torch.where(kept, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``delta * kept`` scaled so its L1 norm equals ``delta``'s (unscaled when either norm is ~0)."""
-    masked = torch.where(kept, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-    before = float(torch.linalg.vector_norm(delta, ord=1))
-    after = float(torch.linalg.vector_norm(masked, ord=1))
-    if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return masked
-    return masked.mul_(before / after)
+    masked = _masked(delta, kept)
+    factor = _rescale_factor(l1_norm(delta), l1_norm(masked))
+    return masked if factor is None else masked.mul_(factor)
 
 
 def sparsify(
@@ -242,6 +277,15 @@ def task_vector_merge(
                          gamma=float(gammas[i]) if gammas else 0.0, epsilon=float(epsilons[i]) if epsilons else 0.0,
                          seed=seed, tid=reference.tensor_id(name, i))
         deltas.append(d)
+    return combine_task_vectors(b, deltas, weights, consensus, normalize, lam, out_dtype or base.dtype)
+
+
+def combine_task_vectors(b: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
+                         normalize: bool, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``b + lam * combine_i(weight_i * delta_i)`` (the last step of :func:`task_vector_merge`), elementwise.
+
+    Consumes ``deltas`` (the list is emptied so the task vectors can be freed early).
+    """
     if consensus:
         # the TIES kernel with density 1 is the consensus step alone (a Triton path on CUDA); it elects no sign
         # where the weighted sum is exactly zero, where mergekit elects + (only exact cancellations differ)
@@ -250,9 +294,8 @@ def task_vector_merge(
         total = sum(float(w) for w in weights)
         divisor = total if normalize and abs(total) >= 1e-8 else 1.0
         merged = kernels.weighted_sum(deltas, [float(w) / divisor for w in weights], out=torch.empty_like(deltas[0]))
-    del deltas
-    dtype = out_dtype or base.dtype
-    out = merged if merged.dtype == dtype else torch.empty(merged.shape, dtype=dtype, device=merged.device)
+    deltas.clear()
+    out = merged if merged.dtype == out_dtype else torch.empty(merged.shape, dtype=out_dtype, device=merged.device)
     return kernels.weighted_sum([b, merged], [1.0, float(lam)], out=out)  # out may be merged itself
 
 
@@ -260,10 +303,11 @@ def sce_merge(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: f
               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """SCE: Select the top-variance entries, Calculate per-model weights, Erase minority signs.
 
-    ``tau_i = model_i - base`` restricted to the ``int(select_topk * nnz(var))`` entries with the largest
-    variance across models; weights ``w_i ~ mean(tau_i**2)`` (summing to 1, uniform when all are ~0); signs
-    elected on the unweighted sum; result ``base + sum_i w_i m_i tau_i / max(sum_i w_i m_i, 1e-6)`` where
-    ``m_i`` marks agreeing entries.
+    ``tau_i = model_i - base`` restricted to the ``k = int(select_topk * nnz(var))`` entries with the largest
+    variance across models (ties at the k-th variance taken in index order); weights ``w_i ~ mean(tau_i**2)``
+    (summing to 1, uniform when all are ~0); signs elected on the unweighted sum; result
+    ``base + sum_i w_i m_i tau_i / max(sum_i w_i m_i, 1e-6)`` where ``m_i`` marks agreeing entries. The whole
+    tensor goes through the streamed implementation (:data:`SCE`) as one chunk.
 
     Args:
         base: the base tensor.
@@ -274,26 +318,174 @@ def sce_merge(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: f
     Returns:
         The merged tensor.
     """
-    cd = reference.compute_dtype(base, *models)
-    b = base.to(cd)
-    tvs = torch.stack([m.to(cd) - b for m in models])
-    if select_topk < 1.0:
-        tvs = tvs * _top_variance(tvs, select_topk)
-    agree = elect_signs(tvs)
-    energy = tvs.square().reshape(len(models), -1).mean(1)
-    total = float(energy.sum())
-    w = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1.0 / len(models))
-    w = (w.view(-1, *[1] * (tvs.dim() - 1)) * agree)
+    params = {"select_topk": float(select_topk)}
+    return run_whole(SCE, "sce", base, list(models), params, out_dtype or base.dtype)
+
+
+# --- breadcrumbs and SCE as passes over chunks (the engine's streamed path; memory set by the chunk) ---
+#
+# Both are exact over chunks: the magnitude and variance ranks are exact order statistics (radix selection,
+# streaming.kth_smallest, the value torch.kthvalue picks), and the per-tensor sums (L1 norms, SCE's energies) are
+# float64 sums per fixed flat block added in order (streaming.aligned_blocks), so any chunk size gives the bits
+# of the whole-tensor run. DELLA is not streamed: its keep probability is the element's magnitude rank within
+# its row, and the engine's flat chunks cut rows; ranking a row needs the whole row (its sort is not stable
+# either, so equal magnitudes get an order only a whole-row sort reproduces).
+
+
+@dataclass(frozen=True)
+class _Crumb:
+    """One model's breadcrumbs mask: keep ``lo <= |delta| <= hi`` (``keep``: all / none), then scale."""
+
+    keep: str  # "all", "none" or "band"
+    lo: float = 0.0
+    hi: float = 0.0
+    scale: float | None = None
+
+
+def _crumbs(d: torch.Tensor, crumb: _Crumb) -> torch.Tensor:
+    if crumb.keep == "all":
+        return d
+    if crumb.keep == "none":
+        return torch.zeros_like(d)
+    mag = d.abs()
+    masked = _masked(d, (mag >= crumb.lo) & (mag <= crumb.hi))
+    return masked if crumb.scale is None else masked.mul_(crumb.scale)
+
+
+def breadcrumbs_prepare(stream: TensorStream, p: Any) -> list[_Crumb]:
+    """Per model, the band of ranks :func:`keep_outliers_removed` keeps (two exact order statistics) and, with
+    ``rescale``, the L1 factor of :func:`rescale_l1` (one more pass)."""
+    n = stream.numel
+    crumbs: list[_Crumb] = []
+    queries: list[tuple[int, int]] = []
+    for i, (density, gamma) in enumerate(zip(p.per_model["density"], p.per_model["gamma"])):
+        target = int(float(density) * n)
+        if float(density) >= 1.0:
+            crumbs.append(_Crumb("all"))
+        elif float(density) <= 0.0 or target <= 0:
+            crumbs.append(_Crumb("none"))
+        else:
+            n_bot = max(0, n - target - int(float(gamma) * n))
+            queries += [(i, n_bot + 1), (i, n_bot + target)]
+            crumbs.append(_Crumb("band"))
+    values = kth_smallest(stream, lambda c: [d.abs() for d in chunk_deltas(c)], queries)
+    for (i, _), lo, hi in zip(queries[::2], values[::2], values[1::2]):
+        crumbs[i] = _Crumb("band", lo, hi)
+    if not bool(p["rescale"]) or not queries:
+        return crumbs
+    before, after = [0.0] * len(crumbs), [0.0] * len(crumbs)
+    for base, models in aligned_blocks(stream, REDUCE_BLOCK):
+        cd = reference.compute_dtype(base, *models)
+        for i, m in enumerate(models):
+            if crumbs[i].keep == "band":
+                d = m.to(cd) - base.to(cd)
+                before[i] += _l1_block(d)
+                after[i] += _l1_block(_crumbs(d, crumbs[i]))
+    return [_Crumb("band", c.lo, c.hi, _rescale_factor(before[i], after[i])) if c.keep == "band" else c
+            for i, c in enumerate(crumbs)]
+
+
+def _breadcrumbs_apply(consensus: bool) -> Callable[[Chunk, Any, list[_Crumb], torch.dtype], torch.Tensor]:
+    def apply(chunk: Chunk, p: Any, crumbs: list[_Crumb], out_dtype: torch.dtype) -> torch.Tensor:
+        assert chunk.base is not None
+        b = chunk.base.to(reference.compute_dtype(chunk.base, *chunk.models))
+        deltas = [_crumbs(d, c) for d, c in zip(chunk_deltas(chunk), crumbs)]
+        return combine_task_vectors(b, deltas, p.per_model["weight"], consensus, bool(p["normalize"]),
+                                    float(p["lambda"]), out_dtype)
+
+    return apply
+
+
+BREADCRUMBS = Streamed(_breadcrumbs_apply(consensus=False), breadcrumbs_prepare)
+BREADCRUMBS_TIES = Streamed(_breadcrumbs_apply(consensus=True), breadcrumbs_prepare)
+
+
+@dataclass(frozen=True)
+class _SceState:
+    """SCE's per-tensor constants: which entries the variance cut keeps, and the model weights."""
+
+    keep: str  # "all", "none" or "cut": variance above ``var_key``, or equal to it below flat index ``cutoff``
+    var_key: int = 0  # bit pattern of the k-th largest variance
+    cutoff: int = 0
+    weights: tuple[float, ...] = ()
+
+
+def _variances(chunk: Chunk) -> torch.Tensor:
+    # abs: a NaN variance may carry a sign bit; the keys must order like kthvalue (NaN above inf)
+    return torch.stack(chunk_deltas(chunk)).var(0, unbiased=False).abs()
+
+
+def _key_view(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
+def _sce_keep(chunk: Chunk, state: _SceState) -> torch.Tensor | None:
+    if state.keep == "all":
+        return None
+    keys = _key_view(_variances(chunk))
+    if state.keep == "none":
+        return torch.zeros_like(keys, dtype=torch.bool)
+    index = torch.arange(chunk.start, chunk.stop, device=keys.device)
+    return (keys > state.var_key) | ((keys == state.var_key) & (index < state.cutoff))
+
+
+def _sce_cut(stream: TensorStream, topk: float) -> _SceState:
+    """The top-variance cut: the exact k-th largest variance (radix selection), ties taken in index order."""
+    if topk >= 1.0:
+        return _SceState("all")
+    k = int(sum(int(torch.count_nonzero(_variances(c))) for c in stream.chunks()) * topk) if topk > 0 else 0
+    if k <= 0:
+        return _SceState("none")
+    kth = kth_smallest(stream, lambda c: [_variances(c)], [(0, stream.numel - k + 1)])[0]
+    dtype = _variances(next(iter(stream.chunks()))).dtype
+    key = int(_key_view(torch.tensor([kth], dtype=dtype)))
+    above = sum(int((_key_view(_variances(c)) > key).sum()) for c in stream.chunks())
+    return _SceState("cut", key, _tie_cutoff(stream, key, k - above))
+
+
+def sce_prepare(stream: TensorStream, p: Any) -> _SceState:
+    """SCE's cut and its energy weights ``w_i ~ mean(tau_i**2)`` (float64 block sums, chunk-independent)."""
+    cut = _sce_cut(stream, float(p["select_topk"]))
+    sums = [0.0] * len(next(iter(stream.chunks())).models)
+    start = 0
+    for base, models in aligned_blocks(stream, REDUCE_BLOCK):
+        assert base is not None
+        block = Chunk(stream.name, start, start + base.numel(), base, models)
+        start = block.stop
+        tvs = _sce_task_vectors(block, cut)
+        sums = [s + float(t.to(torch.float64).square().sum()) for s, t in zip(sums, tvs)]
+    energy = [s / max(stream.numel, 1) for s in sums]
+    total = sum(energy)
+    w = [e / total for e in energy] if abs(total) >= 1e-6 else [1.0 / len(energy)] * len(energy)
+    return _SceState(cut.keep, cut.var_key, cut.cutoff, tuple(w))
+
+
+def _tie_cutoff(stream: TensorStream, key: int, wanted: int) -> int:
+    """One past the flat index of the ``wanted``-th entry whose variance has bit pattern ``key``."""
+    seen = 0
+    for chunk in stream.chunks():
+        hits = (_key_view(_variances(chunk)) == key).nonzero().reshape(-1)
+        if seen + hits.numel() >= wanted:
+            return chunk.start + int(hits[wanted - seen - 1]) + 1
+        seen += hits.numel()
+    return stream.numel
+
+
+def _sce_task_vectors(chunk: Chunk, state: _SceState) -> torch.Tensor:
+    tvs = torch.stack(chunk_deltas(chunk))
+    keep = _sce_keep(chunk, state)
+    return tvs if keep is None else tvs * keep  # a product, like mergekit (an inf outside the cut becomes NaN)
+
+
+def sce_apply(chunk: Chunk, p: Any, state: _SceState, out_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk of SCE: the cut, the sign election and the weighted disjoint mean, elementwise."""
+    assert chunk.base is not None
+    tvs = _sce_task_vectors(chunk, state)
+    b = chunk.base.to(tvs.dtype)
+    w = torch.tensor(state.weights, dtype=tvs.dtype, device=tvs.device).view(-1, *[1] * (tvs.dim() - 1))
+    w = w * elect_signs(tvs)
     merged = (tvs * w).sum(0) / w.sum(0).clamp(min=1e-6)
-    return (b + merged).to(out_dtype or base.dtype)
+    return (b + merged).to(out_dtype)
 
 
-def _top_variance(tvs: torch.Tensor, density: float) -> torch.Tensor:
-    if density <= 0.0:
-        return torch.zeros_like(tvs[0], dtype=torch.bool)
-    var = tvs.var(0, unbiased=False)
-    k = int(int(torch.count_nonzero(var)) * density)
-    keep = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
-    if k > 0:
-        keep[torch.topk(var.reshape(-1), k).indices] = True
-    return keep.view(var.shape)
+SCE = Streamed(sce_apply, sce_prepare)

@@ -47,6 +47,7 @@ class TensorStream(Protocol):
 
     name: str
     numel: int
+    shape: tuple[int, ...]
 
     def chunks(self) -> Iterator[Chunk]:
         """The chunks in order, covering ``[0, numel)``; each call starts a new pass."""
@@ -83,6 +84,7 @@ class TensorsStream:
         self.base = base.reshape(-1) if base is not None else None
         self.models = [m.reshape(-1) for m in models]
         self.numel = self.models[0].numel() if self.models else 0
+        self.shape = tuple(models[0].shape) if models else (0,)
         self.step = max(1, chunk_elems or self.numel or 1)
 
     def chunks(self) -> Iterator[Chunk]:
@@ -116,11 +118,9 @@ def magnitude_thresholds(stream: TensorStream, deltas: Callable[[Chunk], list[to
                          densities: list[float]) -> list[float]:
     """:func:`reference.magnitude_threshold` of each task vector, computed in passes over the chunks.
 
-    The k-th largest ``|delta|`` is found by an exact radix selection: a non-negative float orders like its
-    bit pattern read as an integer, so a histogram of the top 16 bits over all chunks says which bucket holds
-    the k-th value, and each further pass narrows the next 16 bits inside that bucket (two passes for fp32,
-    four for fp64). The result is the same number ``torch.kthvalue`` picks (NaN sorts above inf in both), while
-    memory stays at one chunk. A tensor that fits in one chunk goes to ``kthvalue`` directly.
+    The k-th largest ``|delta|`` is found by :func:`kth_smallest` (an exact radix selection: the same number
+    ``torch.kthvalue`` picks, NaN sorting above inf in both), so memory stays at one chunk. A tensor that fits
+    in one chunk goes to ``kthvalue`` directly.
 
     Args:
         stream: the tensor's inputs.
@@ -134,55 +134,110 @@ def magnitude_thresholds(stream: TensorStream, deltas: Callable[[Chunk], list[to
     first = next(iter(stream.chunks()))
     if first.stop - first.start >= n:  # the whole tensor is one chunk: no passes needed
         return [reference.magnitude_threshold(d, rho) for d, rho in zip(deltas(first), densities)]
-    # rank (1-based, ascending) of the k-th largest magnitude; None when the answer needs no pass
-    ranks: list[int | None] = []
+    queries: list[tuple[int, int]] = []  # (task vector, ascending 1-based rank of its k-th largest magnitude)
     out: list[float] = []
-    for rho in densities:
+    for i, rho in enumerate(densities):
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"TIES density must be in [0, 1], got {rho}")
         k = int(rho * n)
         out.append(math.inf if k <= 0 else 0.0)
-        ranks.append(n - k + 1 if 0 < k < n else None)
-    if not any(r is not None for r in ranks):
-        return out
-    value_dtype = deltas(first)[0].dtype
-    key_dtype = _KEY_DTYPES.get(value_dtype)
-    if key_dtype is None:
-        raise ValueError(f"magnitude_thresholds: task vectors must be float32 or float64, got {value_dtype}")
-    bits = torch.iinfo(key_dtype).bits
-    prefixes = [0] * len(ranks)
-    for shift in range(bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        hists = _digit_histograms(stream, deltas, ranks, prefixes, shift, key_dtype)
-        for i, (rank, hist) in enumerate(zip(ranks, hists)):
-            if rank is None:
-                continue
-            cum = torch.cumsum(hist, 0)
-            digit = int(torch.searchsorted(cum, torch.tensor([rank], dtype=cum.dtype)))
-            ranks[i] = rank - (int(cum[digit - 1]) if digit else 0)
-            prefixes[i] = (prefixes[i] << _DIGIT_BITS) | digit
-    for i, rho in enumerate(densities):
-        if ranks[i] is not None:
-            key = torch.tensor([prefixes[i]], dtype=key_dtype)
-            out[i] = float(key.view(value_dtype))
+        if 0 < k < n:
+            queries.append((i, n - k + 1))
+    values = kth_smallest(stream, lambda c: [d.abs() for d in deltas(c)], queries)
+    for (i, _), v in zip(queries, values):
+        out[i] = v
     return out
 
 
-def _digit_histograms(stream: TensorStream, deltas: Callable[[Chunk], list[torch.Tensor]],
-                      ranks: list[int | None], prefixes: list[int], shift: int,
+def kth_smallest(stream: TensorStream, values: Callable[[Chunk], list[torch.Tensor]],
+                 queries: list[tuple[int, int]]) -> list[float]:
+    """Exact order statistics of non-negative per-chunk values, in passes over the chunks.
+
+    A non-negative float orders like its bit pattern read as an integer, so a histogram of the top 16 bits over
+    all chunks says which bucket holds the wanted rank, and each further pass narrows the next 16 bits inside
+    that bucket (two passes for fp32, four for fp64). The result is the number ``torch.kthvalue`` picks on the
+    concatenated values (NaN sorts above inf in both), while memory stays at one chunk.
+
+    Args:
+        stream: the tensor's inputs.
+        values: the non-negative float32 or float64 values of one chunk, as a list (e.g. one per model).
+        queries: ``(index into that list, 1-based ascending rank)`` pairs; ranks in ``[1, numel]``.
+
+    Returns:
+        One value per query.
+    """
+    if not queries:
+        return []
+    value_dtype = values(next(iter(stream.chunks())))[0].dtype
+    key_dtype = _KEY_DTYPES.get(value_dtype)
+    if key_dtype is None:
+        raise ValueError(f"kth_smallest: values must be float32 or float64, got {value_dtype}")
+    ranks = [r for _, r in queries]
+    prefixes = [0] * len(queries)
+    for shift in range(torch.iinfo(key_dtype).bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        hists = _digit_histograms(stream, values, queries, prefixes, shift, key_dtype)
+        for q, hist in enumerate(hists):
+            cum = torch.cumsum(hist, 0)
+            digit = int(torch.searchsorted(cum, torch.tensor([ranks[q]], dtype=cum.dtype)))
+            ranks[q] -= int(cum[digit - 1]) if digit else 0
+            prefixes[q] = (prefixes[q] << _DIGIT_BITS) | digit
+    return [float(torch.tensor([p], dtype=key_dtype).view(value_dtype)) for p in prefixes]
+
+
+def _digit_histograms(stream: TensorStream, values: Callable[[Chunk], list[torch.Tensor]],
+                      queries: list[tuple[int, int]], prefixes: list[int], shift: int,
                       key_dtype: torch.dtype) -> list[torch.Tensor]:
-    """One pass: per task vector, counts of the 16-bit digit at ``shift`` among keys matching the prefix."""
+    """One pass: per query, counts of the 16-bit digit at ``shift`` among keys matching its prefix."""
     bins = 1 << _DIGIT_BITS
-    hists = [torch.zeros(bins, dtype=torch.int64) for _ in ranks]
+    hists = [torch.zeros(bins, dtype=torch.int64) for _ in queries]
     for chunk in stream.chunks():
-        for i, d in enumerate(deltas(chunk)):
-            if ranks[i] is None:
-                continue
-            keys = d.abs().reshape(-1).view(key_dtype)
+        vals = values(chunk)
+        for q, (i, _) in enumerate(queries):
+            keys = vals[i].reshape(-1).view(key_dtype)
             if shift + _DIGIT_BITS < torch.iinfo(key_dtype).bits:
-                keys = keys[(keys >> (shift + _DIGIT_BITS)) == prefixes[i]]
+                keys = keys[(keys >> (shift + _DIGIT_BITS)) == prefixes[q]]
             digits = ((keys >> shift) & (bins - 1)).to(torch.int64)
-            hists[i] += torch.bincount(digits, minlength=bins).cpu()
+            hists[q] += torch.bincount(digits, minlength=bins).cpu()
     return hists
+
+
+def aligned_blocks(stream: TensorStream, block: int) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
+    """The stream's inputs cut at flat multiples of ``block``, whatever the chunk size: ``(base, models)``.
+
+    A reduction that sums per block and then adds the block results in order gives the same bits for every
+    chunk size (a chunk boundary inside a block is stitched over in one buffer per input, so at most one block
+    per input is held). A yielded block is valid until the next one is asked for.
+    """
+    carry: list[torch.Tensor] = []  # per input, the unfinished block (the engine reuses chunk buffers: copied)
+    held = 0
+    has_base = False
+    for chunk in stream.chunks():
+        has_base = chunk.base is not None
+        pieces = ([chunk.base] if has_base else []) + list(chunk.models)
+        n, pos = chunk.stop - chunk.start, 0
+        if held:
+            take = min(block - held, n)
+            for c, p in zip(carry, pieces):
+                c[held:held + take].copy_(p[:take])
+            held, pos = held + take, take
+            if held == block:
+                yield _split(carry, has_base)
+                held = 0
+        while pos + block <= n:
+            yield _split([p[pos:pos + block] for p in pieces], has_base)
+            pos += block
+        if pos < n:
+            if not carry:
+                carry = [torch.empty(block, dtype=p.dtype, device=p.device) for p in pieces]
+            for c, p in zip(carry, pieces):
+                c[:n - pos].copy_(p[pos:])
+            held = n - pos
+    if held:
+        yield _split([c[:held] for c in carry], has_base)
+
+
+def _split(pieces: list[torch.Tensor], has_base: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    return (pieces[0], pieces[1:]) if has_base else (None, pieces)
 
 
 def dot_and_norms(stream: TensorStream) -> tuple[float, float, float]:
