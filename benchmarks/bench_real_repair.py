@@ -76,6 +76,12 @@ def measure(path: Path, tb: Any, *, heldout: int, max_new_tokens: int, batch_siz
     }
 
 
+def _written_at(path: Path) -> int:
+    """When the model in ``path`` was written: its newest weights file's mtime (a merge copies config.json with the
+    input's mtime, so that file cannot tell a rewritten model from the old one)."""
+    return max((f.stat().st_mtime_ns for f in path.glob("*.safetensors")), default=0)
+
+
 class Bench:
     """Writes remedies into ``work`` and measures them (cached in ``work/measured.json``)."""
 
@@ -86,7 +92,7 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
 
     def measured(self, name: str, path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        key = f"{name}|{path}|{(path / 'config.json').stat().st_mtime_ns}"
+        key = f"{name}|{path}|{_written_at(path)}"
         if key not in self.cache:
             print(f"[bench] measuring {name}", file=sys.stderr, flush=True)
             self.cache[key] = measure(path, self.tb, heldout=self.args.heldout_per_category,
