@@ -15,7 +15,7 @@ candidate is the candidate bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,6 +242,29 @@ def switched_value(name: str, method: str, aligned: torch.Tensor, finetuned: tor
                                    **safemerge_weights())
 
 
+def _float_params(source: Any, names: Sequence[str] | None,
+                  params: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, tensor, model parameter)`` for the floating-point tensors of ``source`` (``names``, or all).
+
+    Raises:
+        SearchError: a tensor is not a parameter of the loaded model.
+    """
+    for name in names if names is not None else source.keys():
+        t = source.get(name)
+        if not t.is_floating_point():
+            continue
+        if name not in params:
+            raise SearchError(f"tensor {name!r} of {source.path} is not a parameter of the loaded model")
+        yield name, t, params[name]
+
+
+def _check_shapes(name: str, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> None:
+    """Refuse two checkpoint tensors whose shapes differ, or that do not fill the model's parameter."""
+    if a.shape != b.shape or a.numel() != target.numel():
+        raise SearchError(f"tensor {name!r}: shapes {list(a.shape)} and {list(b.shape)} do not match the "
+                          f"model's {list(target.shape)}")
+
+
 def _build_switched(model: Any, aligned: TensorSource, finetuned: TensorSource, unaligned: TensorSource, *,
                     method: str, groups: GroupSpec, num_layers: int,
                     names: Sequence[str] | None) -> CandidateSpace:
@@ -249,17 +272,9 @@ def _build_switched(model: Any, aligned: TensorSource, finetuned: TensorSource, 
     to its :func:`switched_value`; tensors equal in both checkpoints are left out (they never change)."""
     params = _params_by_name(model)
     bases, on, scores, gmap = {}, {}, {}, {}
-    for name in names if names is not None else aligned.keys():
-        a = aligned.get(name)
-        if not a.is_floating_point():
-            continue
-        if name not in params:
-            raise SearchError(f"tensor {name!r} of {aligned.path} is not a parameter of the loaded model")
-        target = params[name]
+    for name, a, target in _float_params(aligned, names, params):
         f = finetuned.get(name)
-        if f.shape != a.shape or f.numel() != target.numel():
-            raise SearchError(f"tensor {name!r}: shapes {list(f.shape)} and {list(a.shape)} do not match the "
-                              f"model's {list(target.shape)}")
+        _check_shapes(name, f, a, target)
         if torch.equal(f, a):
             continue
         value = switched_value(name, method, a, f, unaligned.get(name)) if name in unaligned else None
@@ -319,18 +334,10 @@ def build_space(
                                names=names)
     params = _params_by_name(model)
     bases, taus, gmap = {}, {}, {}
-    for name in names if names is not None else base.keys():
-        b = base.get(name)
-        if not b.is_floating_point():
-            continue
-        if name not in params:
-            raise SearchError(f"tensor {name!r} of {base.path} is not a parameter of the loaded model")
-        target = params[name]
+    for name, b, target in _float_params(base, names, params):
         p = plus.get(name).float()
         m = minus.get(name).float() if minus is not None else b.float()
-        if p.shape != m.shape or p.numel() != target.numel():
-            raise SearchError(f"tensor {name!r}: shapes {list(p.shape)} and {list(m.shape)} do not match the "
-                              f"model's {list(target.shape)}")
+        _check_shapes(name, p, m, target)
         tau = process_tau(name, p - m, method, density, seed).view(target.shape)
         if minus is None and not bool(tau.any()):
             continue
