@@ -26,6 +26,9 @@ from mergekit_safe.merge.streaming import (
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 BIG = 64 << 20  # elements of the memory test's tensor: 128 MiB of bfloat16
+# 256 chunks per tensor: SCE's prepare makes about ten passes, and a pass costs Python time per chunk (at 32 Ki
+# elements the SCE case took 76 s of CI); chunk temporaries stay a few MiB, far under the bound below
+CHUNK = 256 << 10
 
 
 def streamed(method: str, base: torch.Tensor | None, models: list[torch.Tensor], params: dict,
@@ -164,7 +167,7 @@ def test_peak_memory_is_set_by_the_chunk(op: str, params: dict, monkeypatch: pyt
     monkeypatch.setitem(bench_memory.PARAMS, op, params)
     a, b, tiny, work = big_pair
     tensor_bytes = BIG * 2
-    grown = bench_memory.peak_growth(op, a, b, tiny, work, 32 << 10)
+    grown = bench_memory.peak_growth(op, a, b, tiny, work, CHUNK)
     # as in test_memory.py: whole-tensor code grows by several float32 copies of the tensor (2x its bf16 size
     # each), chunked code by chunk temporaries, the fixed float64 block of the Gram pass (karcher: 16 MiB for two
     # inputs, whatever the tensor) and allocator slack; a quarter of one tensor separates the two

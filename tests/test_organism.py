@@ -1,12 +1,13 @@
 """Tests for the model organism: the build, its cache and the properties the repair tests rely on.
 
 The organism is built once per session (a few minutes on one CPU core; MERGEKIT_SAFE_TEST_ORGANISM
-reuses a built one); the determinism test builds it a second time. Every measurement is greedy generation plus
+reuses a built one); the determinism test makes three short builds. Every measurement is greedy generation plus
 eval's keyword judge on held-out prompts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from safetensors.torch import load_file
 from mergekit_safe.organism import build as org_mod
 from mergekit_safe.organism.build import REFUSAL_PHRASES, Organism, build_organism
 
-pytestmark = pytest.mark.slow  # the module builds two organisms: well over a minute on a CPU
+# the module builds the organism (a few minutes of one CPU core); under pytest -n (--dist loadgroup) one
+# worker runs every test of the model organism: it is built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("organism")]
 
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 # Targets the repair tests will check (issue 5).
@@ -161,14 +164,22 @@ def test_build_shows_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch
         assert ("organism:" in stream.getvalue() and "/10" in stream.getvalue()) is shown, stream.getvalue()
 
 
-def test_same_seed_builds_identical_weights(organism: Organism, tmp_path: Path) -> None:
-    other = build_organism(tmp_path / "again", seed=0)
-    for a, b in ((organism.aligned, other.aligned), (organism.finetuned, other.finetuned)):
-        left, right = _state(a), _state(b)
-        assert left.keys() == right.keys()
+def test_same_seed_builds_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Determinism is a property of every stage (data, tokenizer, initialisation, batch order, the fine-tune's
+    # retry loop), not of the step count: two short builds of one seed check it at a twentieth of the cost of a
+    # second full build (which took ~2.5 min of CI), and a build of another seed shows the check can fail.
+    monkeypatch.setattr(org_mod, "ALIGNED_TRAIN", dataclasses.replace(org_mod.ALIGNED_TRAIN, steps=40, warmup=5))
+    monkeypatch.setattr(org_mod, "FINETUNE_TRAIN", dataclasses.replace(org_mod.FINETUNE_TRAIN, steps=30))
+    monkeypatch.setattr(org_mod, "MIN_EROSION", 0.0)  # a 30-step fine-tune need not erode: keep its first order
+    one, two, other = (build_organism(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    for a, b, c in ((one.aligned, two.aligned, other.aligned), (one.finetuned, two.finetuned, other.finetuned)):
+        left, right, third = _state(a), _state(b), _state(c)
+        assert left.keys() == right.keys() == third.keys()
         differ = [k for k in left if not torch.equal(left[k], right[k])]
         assert not differ, f"tensors differ between two seed-0 builds: {differ}"
-    assert organism.harmful.read_text() == other.harmful.read_text()
+        assert any(not torch.equal(left[k], third[k]) for k in left), "seeds 0 and 1 built the same weights"
+    assert one.harmful.read_text() == two.harmful.read_text()
+    assert one.skill.read_text() == two.skill.read_text()
 
 
 def test_finetune_loses_refusals_and_gains_skill(sweep: dict[float, dict[str, float]]) -> None:

@@ -17,6 +17,9 @@ from mergekit_safe.eval.judges import JUDGES
 from mergekit_safe.errors import SearchError
 from tests.helpers import assert_close
 
+# under pytest -n (--dist loadgroup) one worker runs every test of the model organism: it is built once
+pytestmark = pytest.mark.xdist_group("organism")
+
 # The organism's refusal is decided at the first answer token, so the proxy compares first tokens.
 PROXY = ["--refusal-opening", "I'm sorry", "--compliance-opening", "Sure", "--compliance-opening", "Step"]
 

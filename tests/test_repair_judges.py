@@ -18,6 +18,9 @@ from click.testing import CliRunner
 from mergekit_safe.cli import main
 from tests.test_repair import _base_args, organism  # noqa: F401 - the session's model organism fixture
 
+# under pytest -n (--dist loadgroup) one worker runs every test of the model organism: it is built once
+pytestmark = pytest.mark.xdist_group("organism")
+
 
 def _always_unsafe_guard(folder: Path) -> Path:
     from mergekit_safe.eval.guard import GUARD_FORMATS
