@@ -58,7 +58,7 @@ def _masked_merge_kernel(
         if SUB_BASE:
             d = d - b
         mag = tl.abs(d)
-        lo = tl.load(lo_table + i)
+        lo = tl.load(lo_table + i) + tl.zeros((BLOCK,), tl.float32)  # a block: a scalar bool does not | a block
         keep = (lo < 0) | ((mag >= lo) & (mag <= tl.load(hi_table + i)))
         if CONSENSUS:  # TIES' trim at density 1 (|d| >= 0) drops NaN
             keep = keep & (mag == mag)
