@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -307,7 +307,7 @@ def masked_merge(
     lam: float = 1.0,
     out_dtype: torch.dtype | None = None,
     *,
-    sum_into=_weighted_sum_into,  # noqa: ANN001  (the dispatcher passes its CPU-blocked weighted sum)
+    sum_into: Callable[..., torch.Tensor] = _weighted_sum_into,
 ) -> torch.Tensor:
     """``base + lam * combine_i(w_i * band_i(delta_i))``: the last step of the task-vector methods.
 

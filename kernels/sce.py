@@ -105,7 +105,9 @@ def sce_merge(
         >>> sce_merge(base, [m1, m2], [0.4, 0.6])  # doctest: +SKIP
     """
     if not models or len(models) != len(weights):
-        raise KernelError(f"sce_merge: needs one weight per model, got {len(models)} models and {len(weights)} weights")
+        raise KernelError(
+            f"sce_merge: needs one weight per model, got {len(models)} models and {len(weights)} weights"
+        )
     b, *xs = check_inputs("sce_merge", [base, *models], "input")
     if variances is not None and (variances.dtype != torch.float32 or variances.shape != base.shape
                                   or variances.device != base.device):

@@ -103,7 +103,7 @@ def test_random_keep_constant_probability_draws_dares_mask():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [(1,), (33, 65)])
 def test_random_keep_per_element_mask_and_values(dtype, shape):
     """Per-element probabilities (DELLA's ranks) give the mask of the plain-Python hash against
     floor((1 - p) * 2**32), element by element; kept values are x * scale."""
