@@ -9,7 +9,9 @@ TRITON_INTERPRET=1 they are a correctness tool, not a speed one).
     OMP_NUM_THREADS=1 python benchmarks/bench_kernels.py --json bench.json   # CPU: 1MB,16MB
 
 Targets (GPU): weighted sum N=2, N=8 and apply >= 85% of copy bandwidth at >= 64 MB; N-way EMA >= 1.5x the
-unfused torch chain at N=8; DARE and TIES >= 2x plain torch.
+unfused torch chain at N=8; DARE and TIES >= 2x plain torch. ``band`` (breadcrumbs' masked combine, N=3 with
+base), ``della_keep`` (DELLA's per-element seeded keep, incl. turning the probabilities into thresholds) and
+``sce`` (SCE's apply, N=3) count their minimal traffic the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from harness import Result, fmt_size, measure, parse_size, print_table, write_js
 from mergekit_safe.kernels import reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("ws2", "ws8", "ema8", "dare", "ties", "slerp", "apply")
+OPS = ("ws2", "ws8", "ema8", "dare", "ties", "band", "della_keep", "sce", "slerp", "apply")
 N_APPLY_TENSORS = 64
 EMA_BETA = 0.9
 
@@ -119,6 +121,11 @@ def providers(op: str, numel: int, dtype: torch.dtype, device: torch.device, wan
                 return lambda: reference.ties(xs, [1.0, 1.0, 1.0], 0.2)
             yield "torch eager", s_eager, "reference.ties, N=3"
         nbytes = 4 * numel * dtype.itemsize
+    elif op in ("band", "della_keep", "sce"):
+        yield from _sparsify_providers(op, numel, rand, ours, want)
+        nbytes = {"band": 5 * numel * dtype.itemsize,
+                  "della_keep": 2 * numel * dtype.itemsize + 8 * numel,  # + the float64 probabilities
+                  "sce": 5 * numel * dtype.itemsize + 4 * numel}[op]  # + the fp32 variances
     elif op == "slerp":
         if ours:
             def s_ours():
@@ -169,6 +176,36 @@ def providers(op: str, numel: int, dtype: torch.dtype, device: torch.device, wan
     if "copy" in want:
         yield "copy (ceiling)", copy_setup, "device-to-device copy, 2x bytes of one tensor"
     providers.nbytes = nbytes  # type: ignore[attr-defined]
+
+
+def _sparsify_providers(op: str, numel: int, rand, ours: bool, want: set[str]):
+    """``(provider, setup, note)`` of the sparsifying methods' elementwise kernels: ours and torch eager."""
+    from mergekit_safe import kernels as K
+
+    def args():
+        base = rand(numel)
+        models = [base + 0.01 * rand(numel) for _ in range(3)]
+        if op == "band":
+            lo, hi = [0.002] * 3, [0.02] * 3
+            return (base, models, [1.0, 0.8, 0.6]), {"lo": lo, "hi": hi, "scales": [1.1] * 3, "lam": 0.9}
+        if op == "della_keep":
+            return (models[0] - base, torch.rand(numel, device=base.device, dtype=torch.float64), 0, 1), {}
+        var = torch.stack([(m - base).float() for m in models]).var(0, unbiased=False)
+        key = int(var.view(torch.int32).median())
+        return (base, models, [0.3, 0.3, 0.4], var, key, 0), {}
+
+    fn = {"band": (K.masked_merge, reference.masked_merge), "della_keep": (K.random_keep, reference.random_keep),
+          "sce": (K.sce_merge, reference.sce_merge)}[op]
+    if ours:
+        def s_ours():
+            a, kw = args()
+            return lambda: fn[0](*a, **kw)
+        yield "ours (triton)", s_ours, "one launch" if op != "della_keep" else "thresholds (torch) + one launch"
+    if "eager" in want:
+        def s_eager():
+            a, kw = args()
+            return lambda: fn[1](*a, **kw)
+        yield "torch eager", s_eager, f"reference.{fn[1].__name__}"
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

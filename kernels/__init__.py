@@ -153,6 +153,67 @@ def ties(
     return _into(out, reference.ties(deltas, weights, density, normalize, out_dtype))
 
 
+def masked_merge(
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    lo: Sequence[float] | None = None,
+    hi: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None,
+    inputs_are_deltas: bool = False,
+    consensus: bool = False,
+    normalize: bool = False,
+    lam: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``base + lam * combine_i(w_i * scale_i * band_i(delta_i))``; see :func:`reference.masked_merge`.
+
+    On the Triton backend one launch reads the base and the N inputs once and writes once; the torch path
+    runs the reference with this package's weighted sum (the CPU-blocked one on the CPU).
+    """
+    if _use_triton("masked_merge", [base, *inputs], out_dtype):
+        return kernel_module("band").masked_merge(
+            base, inputs, weights, lo, hi, scales, inputs_are_deltas, consensus, normalize, lam, out_dtype
+        )
+    return reference.masked_merge(base, inputs, weights, lo, hi, scales, inputs_are_deltas, consensus, normalize,
+                                  lam, out_dtype, sum_into=weighted_sum)
+
+
+def random_keep(
+    delta: torch.Tensor,
+    keep_prob: torch.Tensor | float,
+    seed: int,
+    tid: int,
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    *,
+    index_offset: int = 0,
+) -> torch.Tensor:
+    """Seeded keep with probability ``keep_prob`` (one or per element), survivors times ``scale``; see
+    :func:`reference.random_keep` (DELLA's drop; a constant probability draws DARE's mask)."""
+    if _use_triton("random_keep", [delta], out_dtype):
+        return kernel_module("dare").random_keep(delta, keep_prob, seed, tid, scale, out_dtype,
+                                                 index_offset=index_offset)
+    return reference.random_keep(delta, keep_prob, seed, tid, scale, out_dtype, index_offset)
+
+
+def sce_merge(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    variances: torch.Tensor | None = None,
+    var_key: int = 0,
+    cutoff: int = 0,
+    start: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """SCE's cut, sign election and weighted disjoint mean plus the base; see :func:`reference.sce_merge`."""
+    if _use_triton("sce_merge", [base, *models, *([variances] if variances is not None else [])], out_dtype):
+        return kernel_module("sce").sce_merge(base, models, weights, variances, var_key, cutoff, start, out_dtype)
+    return reference.sce_merge(base, models, weights, variances, var_key, cutoff, start, out_dtype)
+
+
 def slerp(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -217,6 +278,7 @@ def apply_(
 _PUBLIC = {name: globals()[name] for name in ("weighted_sum", "dare", "ties", "slerp", "nearswap")}
 
 __all__ = [
-    "BACKENDS", "apply_", "current_backend", "dare", "foreach_weighted_sum_", "kernel_module", "nearswap",
-    "resolve_device", "select_backend", "slerp", "ties", "triton_available", "use_backend", "weighted_sum",
+    "BACKENDS", "apply_", "current_backend", "dare", "foreach_weighted_sum_", "kernel_module", "masked_merge",
+    "nearswap", "random_keep", "resolve_device", "sce_merge", "select_backend", "slerp", "ties",
+    "triton_available", "use_backend", "weighted_sum",
 ]

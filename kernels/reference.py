@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -258,3 +258,204 @@ def apply_(
     if not (len(targets) == len(bases) == len(deltas) == len(coeffs)):
         raise ValueError("apply_ needs one base, one delta list and one coefficient list per target")
     foreach_weighted_sum_(targets, [[b, *ds] for b, ds in zip(bases, deltas)], [[1.0, *cs] for cs in coeffs])
+
+
+# --- the sparsifying methods' elementwise steps (breadcrumbs' band, DELLA's keep, SCE's apply) ---
+
+HASH_CHUNK = 1 << 20  # elements hashed at a time by random_keep_mask (bounds its int64 temporaries)
+# SCE's floor on the summed agreeing weights (mergekit's clamp): entries where no model agrees merge to 0.
+SCE_MIN_WEIGHT = 1e-6
+
+
+def band(d: torch.Tensor, lo: float, hi: float, scale: float = 1.0) -> torch.Tensor:
+    """``d`` where ``lo <= |d| <= hi`` (else 0), times ``scale``: one model's breadcrumbs mask.
+
+    A negative ``lo`` keeps every element unchanged (NaN included); ``lo = inf, hi = -inf`` keeps none. A
+    ``scale`` of exactly 1 is not multiplied (the product would be the same bits).
+    """
+    if lo < 0:
+        kept = d
+    else:
+        mag = d.abs()
+        kept = torch.where((mag >= lo) & (mag <= hi), d, torch.zeros((), dtype=d.dtype, device=d.device))
+    return kept if scale == 1.0 else kept * float(scale)
+
+
+def linear_weights(weights: Sequence[float], normalize: bool) -> list[float]:
+    """The coefficients of a linear (no consensus) combination: the weights, divided by their sum when
+    ``normalize`` and that sum is not ~0 (mergekit's rule)."""
+    total = sum(float(w) for w in weights)
+    divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    return [float(w) / divisor for w in weights]
+
+
+def _weighted_sum_into(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, out: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return out.copy_(weighted_sum(inputs, coeffs, out.dtype))
+
+
+def masked_merge(
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    lo: Sequence[float] | None = None,
+    hi: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None,
+    inputs_are_deltas: bool = False,
+    consensus: bool = False,
+    normalize: bool = False,
+    lam: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    *,
+    sum_into: Callable[..., torch.Tensor] = _weighted_sum_into,
+) -> torch.Tensor:
+    """``base + lam * combine_i(w_i * band_i(delta_i))``: the last step of the task-vector methods.
+
+    ``delta_i = inputs_i - base`` (or ``inputs_i`` itself with ``inputs_are_deltas``), masked and scaled by
+    :func:`band` with ``lo[i], hi[i], scales[i]`` (``None``: keep all, scale 1). The combination is a weighted
+    sum (coefficients :func:`linear_weights`), or with ``consensus`` TIES' elect-and-disjoint-mean
+    (:func:`ties` at density 1, divided by the agreeing weights when ``normalize``).
+
+    Args:
+        base: the base tensor.
+        inputs: N models (or task vectors) of ``base``'s shape.
+        weights: N Python floats.
+        lo: per input, the smallest kept magnitude (negative keeps all).
+        hi: per input, the largest kept magnitude.
+        scales: per input, a factor on the kept values (breadcrumbs' and DELLA's L1 rescale).
+        inputs_are_deltas: the inputs are task vectors already.
+        consensus: elect signs (TIES) before combining.
+        normalize: divide by the (agreeing) summed weights.
+        lam: scale of the merged task vector (mergekit's ``lambda``).
+        out_dtype: result dtype (default: ``base``'s).
+        sum_into: ``f(inputs, coeffs, out=buffer)``, the weighted sum used (same math, another memory plan).
+
+    Returns:
+        The merged tensor.
+    """
+    n = len(inputs)
+    lo, hi, scales = lo or [-1.0] * n, hi or [math.inf] * n, scales or [1.0] * n
+    if not (n == len(weights) == len(lo) == len(hi) == len(scales)) or n == 0:
+        raise ValueError(f"masked_merge needs one weight, lo, hi and scale per input, got {n} inputs")
+    cd = compute_dtype(base, *inputs)
+    b = base.to(cd)
+    deltas = [band(x.to(cd) if inputs_are_deltas else x.to(cd) - b, float(lo_), float(hi_), float(s))
+              for x, lo_, hi_, s in zip(inputs, lo, hi, scales)]
+    if consensus:
+        # TIES at density 1 is the consensus step alone; it elects no sign where the weighted sum is exactly
+        # zero, where mergekit elects + (only exact cancellations differ)
+        merged = ties(deltas, [float(w) for w in weights], 1.0, normalize)
+    else:
+        merged = sum_into(deltas, linear_weights(weights, normalize), out=torch.empty_like(deltas[0]))
+    del deltas
+    out_dtype = out_dtype or base.dtype
+    out = merged if merged.dtype == out_dtype else torch.empty(merged.shape, dtype=out_dtype, device=merged.device)
+    return sum_into([b, merged], [1.0, float(lam)], out=out)  # out may be merged itself
+
+
+def keep_thresholds(keep_prob: torch.Tensor) -> torch.Tensor:
+    """Per element, the uint32 hash threshold ``floor((1 - p) * 2**32)`` (clamped to 2**32 - 1), in int64.
+
+    Computed in float64 like :func:`dare_threshold` computes a constant one, so a constant ``p`` gives DARE's
+    threshold for drop probability ``1 - p``.
+    """
+    return torch.floor((1.0 - keep_prob.to(torch.float64)) * 2.0**32).clamp_(max=2.0**32 - 1).to(torch.int64)
+
+
+def random_keep_mask(keep_prob: torch.Tensor | float, numel: int, seed: int, tid: int,
+                     device: torch.device | str = "cpu", index_offset: int = 0,
+                     chunk: int = HASH_CHUNK) -> torch.Tensor:
+    """Seeded Bernoulli keep mask (flat): element ``i`` is kept when ``hash_i >= floor((1 - p_i) * 2**32)``.
+
+    ``hash`` is DARE's counter hash (:func:`dare_hash`), so a constant ``p`` reproduces
+    :func:`dare_keep_mask` with drop probability ``1 - p`` exactly. ``keep_prob``: one float or a tensor of
+    ``numel`` elements. The hashes are drawn ``chunk`` elements at a time (small int64 temporaries).
+    """
+    keep = torch.empty(numel, dtype=torch.bool, device=device)
+    flat = keep_prob.reshape(-1) if isinstance(keep_prob, torch.Tensor) else None
+    for start in range(0, numel, chunk):
+        stop = min(numel, start + chunk)
+        h = dare_hash(stop - start, seed, tid, device, start=index_offset + start)
+        if flat is None:
+            keep[start:stop] = h >= dare_threshold(1.0 - float(keep_prob))
+        else:
+            keep[start:stop] = h >= keep_thresholds(flat[start:stop])
+    return keep
+
+
+def random_keep(delta: torch.Tensor, keep_prob: torch.Tensor | float, seed: int, tid: int, scale: float = 1.0,
+                out_dtype: torch.dtype | None = None, index_offset: int = 0) -> torch.Tensor:
+    """``delta * scale`` where :func:`random_keep_mask` keeps, else 0: DELLA's (and DARE's) seeded drop.
+
+    ``keep_prob`` is one float or a tensor of ``delta``'s shape (DELLA's per-element probabilities);
+    ``index_offset`` is the global index of ``delta``'s first element (a slice of a larger tensor).
+    """
+    cd = compute_dtype(delta)
+    keep = random_keep_mask(keep_prob, delta.numel(), seed, tid, delta.device, index_offset).view(delta.shape)
+    x = delta.to(cd)
+    kept = torch.where(keep, x if scale == 1.0 else x * float(scale), torch.zeros((), dtype=cd, device=x.device))
+    return kept.to(out_dtype or delta.dtype)
+
+
+def float_key(x: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of a float tensor as a same-width integer (orders like the floats for x >= 0, NaN top)."""
+    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
+def sce_cut_mask(variances: torch.Tensor, var_key: int, cutoff: int, start: int = 0) -> torch.Tensor:
+    """SCE's top-variance mask: the variance's bit pattern above ``var_key``, or equal to it at a flat index
+    (``start`` + position) below ``cutoff`` (ties at the k-th variance taken in index order)."""
+    keys = float_key(variances)
+    index = torch.arange(start, start + keys.numel(), device=keys.device).view(keys.shape)
+    return (keys > var_key) | ((keys == var_key) & (index < cutoff))
+
+
+def elect_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """TIES' sign consensus over the leading axis: True where an entry has the sign of the column's sum.
+
+    A zero sum elects ``+`` (mergekit's rule); zero entries never agree.
+    """
+    majority = torch.where(vectors.sum(0) >= 0, 1.0, -1.0).to(vectors.dtype)
+    return torch.sign(vectors) == majority
+
+
+def sce_merge(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    variances: torch.Tensor | None = None,
+    var_key: int = 0,
+    cutoff: int = 0,
+    start: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """SCE's elementwise step: variance cut, sign election, weighted disjoint mean, plus the base.
+
+    ``tau_i = models_i - base``, multiplied by the cut mask (kept where the variance's bit pattern
+    :func:`float_key` is above ``var_key``, or equal to it at a flat index below ``cutoff``; the element at
+    position ``j`` has flat index ``start + j``; ``variances=None`` keeps every entry). Signs are elected on
+    the unweighted sum (``>= 0`` elects +; zeros never agree) and the result is
+    ``base + sum_i w_i a_i tau_i / max(sum_i w_i a_i, 1e-6)``, ``a_i`` marking agreeing entries.
+
+    Args:
+        base: the base tensor.
+        models: N models of ``base``'s shape.
+        weights: N Python floats (SCE's energy weights).
+        variances: the variance of the task vectors across models per element, or None (no cut).
+        var_key: the bit pattern of the k-th largest variance.
+        cutoff: flat index bound of the entries tied at ``var_key`` that are kept.
+        start: flat index of the first element (a chunk of a larger tensor).
+        out_dtype: result dtype (default: ``base``'s).
+
+    Returns:
+        The merged tensor.
+    """
+    cd = compute_dtype(base, *models)
+    b = base.to(cd)
+    tvs = torch.stack([m.to(cd) - b for m in models])
+    if variances is not None:
+        tvs = tvs * sce_cut_mask(variances, var_key, cutoff, start)  # a product, like mergekit (inf becomes NaN)
+    w = torch.tensor([float(x) for x in weights], dtype=cd, device=tvs.device).view(-1, *[1] * (tvs.dim() - 1))
+    w = w * elect_signs(tvs)
+    merged = (tvs * w).sum(0) / w.sum(0).clamp(min=SCE_MIN_WEIGHT)
+    return (b + merged).to(out_dtype or base.dtype)

@@ -2,67 +2,21 @@
 
 Pass 1 (host-driven, one per task vector): the magnitude threshold, the ``k``-th largest ``|delta|``
 (``torch.kthvalue`` on the device in the input dtype, bit-equal to :func:`reference.magnitude_threshold`,
-which upcasts). Pass 2 (:func:`_ties_kernel`, one launch): every program streams its block of the N task
-vectors once, through a pointer table (any N, dtypes compile-time), keeping five fp32 accumulators: the
-weighted sum in input order (its sign is the elected sign), the sums of the positive and the negative
-trimmed weighted values, and (for ``normalize``) the summed weights of each side. The agreeing side's sum
-(divided by its weight) is the result. Bytes moved by pass 2: N reads + 1 write.
+which upcasts). Pass 2 (one launch) is the band-masked combine of :mod:`.band` with ``lo = threshold``,
+``hi = inf``, scale 1, consensus and no base: every program streams its block of the N task vectors once
+and keeps TIES' five fp32 accumulators. Bytes moved by pass 2: N reads + 1 write.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from mergekit_safe.errors import KernelError
-from mergekit_safe.kernels import reference
-from mergekit_safe.kernels._cast import to_dtype_rtne
-from mergekit_safe.kernels._launch import (
-    aligned16,
-    check_inputs,
-    check_out,
-    check_out_dtype,
-    device_table,
-    launch_config,
-    torch_to_tl,
-)
-
-
-@triton.jit
-def _ties_kernel(
-    out_ptr, ptr_table, w_table, thr_table, n,
-    N: tl.constexpr, IN_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    total = tl.zeros((BLOCK,), tl.float32)
-    pos = tl.zeros((BLOCK,), tl.float32)
-    neg = tl.zeros((BLOCK,), tl.float32)
-    pos_w = tl.zeros((BLOCK,), tl.float32)
-    neg_w = tl.zeros((BLOCK,), tl.float32)
-    for i in tl.static_range(N):
-        ptr = tl.load(ptr_table + i).to(tl.pointer_type(IN_DTYPE))
-        if ALIGNED:
-            ptr = tl.multiple_of(ptr, 16)
-        d = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_table + i)
-        s = tl.where(tl.abs(d) >= tl.load(thr_table + i), d, 0.0) * w
-        total += s
-        pos += tl.where(s > 0, s, 0.0)
-        neg += tl.where(s < 0, s, 0.0)
-        if NORMALIZE:
-            pos_w += tl.where(s > 0, w, 0.0)
-            neg_w += tl.where(s < 0, w, 0.0)
-    merged = tl.where(total > 0, pos, tl.where(total < 0, neg, 0.0))
-    if NORMALIZE:
-        div = tl.where(total > 0, pos_w, tl.where(total < 0, neg_w, 0.0))
-        merged = merged / tl.where(div == 0, 1.0, div)
-    tl.store(out_ptr + offs, to_dtype_rtne(merged, out_ptr.dtype.element_ty), mask=mask)
+from mergekit_safe.kernels import band, reference
+from mergekit_safe.kernels._launch import check_inputs, check_out, check_out_dtype
 
 
 def magnitude_threshold(x: torch.Tensor, density: float) -> float:
@@ -123,16 +77,5 @@ def ties(
     if n == 0:
         return out
     thresholds = [magnitude_threshold(x, float(rho)) for x, rho in zip(xs, dens)]
-    if len({x.dtype for x in xs}) > 1:  # rare: mixed dtypes; one fp32 copy keeps the kernel's dtype compile-time
-        xs = [x.float() for x in xs]
-    device = xs[0].device
-    cfg = launch_config(n, "ties", block_size)
-    ptr_table = device_table([x.data_ptr() for x in xs], torch.int64, device)
-    w_table = device_table([float(w) for w in weights], torch.float32, device)
-    thr_table = device_table(thresholds, torch.float32, device)
-    _ties_kernel[(cfg.grid,)](
-        out, ptr_table, w_table, thr_table, n,
-        N=len(xs), IN_DTYPE=torch_to_tl(xs[0].dtype), NORMALIZE=bool(normalize), ALIGNED=aligned16(xs),
-        BLOCK=cfg.block, num_warps=cfg.num_warps,
-    )  # fmt: skip
-    return out
+    return band.masked_merge(None, xs, weights, lo=thresholds, hi=[math.inf] * len(xs), inputs_are_deltas=True,
+                             consensus=True, normalize=normalize, out=out, block_size=block_size)

@@ -42,7 +42,7 @@ from mergekit_safe.merge.streaming import (
 SPARSIFY_METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 # Norms below this are treated as zero when rescaling (mergekit's value).
 _RESCALE_EPS = 1e-7
-HASH_CHUNK = 1 << 20  # elements hashed at a time by the random masks (bounds their int64 temporaries)
+HASH_CHUNK = reference.HASH_CHUNK  # elements hashed at a time by the random masks (bounds int64 temporaries)
 REDUCE_BLOCK = 1 << 16  # elements per float64 partial sum of the per-tensor norms (fixed: chunk-independent bits)
 
 
@@ -116,21 +116,10 @@ def keep_random(probs: torch.Tensor | float, shape: torch.Size, seed: int, tid: 
                 device: torch.device, chunk: int = HASH_CHUNK) -> torch.Tensor:
     """Seeded Bernoulli keep mask: element ``i`` is kept when ``hash_i >= floor((1 - p_i) * 2**32)``.
 
-    ``hash`` is DARE's counter hash, so a constant ``p`` reproduces :func:`reference.dare_keep_mask` exactly.
-    The hashes are drawn ``chunk`` elements at a time, so their int64 temporaries stay small.
+    ``hash`` is DARE's counter hash, so a constant ``p`` reproduces :func:`reference.dare_keep_mask` exactly
+    (:func:`reference.random_keep_mask`; the merge applies it through :func:`kernels.random_keep`).
     """
-    numel = math.prod(shape)
-    keep = torch.empty(numel, dtype=torch.bool, device=device)
-    flat = probs.reshape(-1) if isinstance(probs, torch.Tensor) else None
-    for start in range(0, numel, chunk):
-        stop = min(numel, start + chunk)
-        h = reference.dare_hash(stop - start, seed, tid, device, start=start)
-        if flat is None:
-            keep[start:stop] = h >= reference.dare_threshold(1.0 - float(probs))
-        else:
-            p = flat[start:stop].to(torch.float64)
-            keep[start:stop] = h >= torch.floor((1.0 - p) * 2.0**32).clamp_(max=2.0**32 - 1).to(torch.int64)
-    return keep.view(shape)
+    return reference.random_keep_mask(probs, math.prod(shape), seed, tid, device, chunk=chunk).view(shape)
 
 
 def l1_norm(t: torch.Tensor, block: int = REDUCE_BLOCK) -> float:
@@ -160,7 +149,11 @@ def _masked(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``delta * kept`` scaled so its L1 norm equals ``delta``'s (unscaled when either norm is ~0)."""
-    masked = _masked(delta, kept)
+    return _rescaled(delta, _masked(delta, kept))
+
+
+def _rescaled(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """``masked`` (a fresh tensor) scaled in place so its L1 norm equals ``delta``'s."""
     factor = _rescale_factor(l1_norm(delta), l1_norm(masked))
     return masked if factor is None else masked.mul_(factor)
 
@@ -204,26 +197,17 @@ def sparsify(
         return delta
     if density <= 0.0:
         return torch.zeros_like(delta)
+    if method in ("random", "della_magprune"):  # the seeded keep, a Triton kernel on CUDA
+        probs = float(density) if method == "random" else della_probabilities(delta, density, epsilon)
+        masked = kernels.random_keep(delta, probs, seed, tid)
+        return _rescaled(delta, masked) if rescale else masked
     if method == "magnitude":
         kept = keep_magnitude(delta, density)
-    elif method == "magnitude_outliers":
-        kept = keep_outliers_removed(delta, density, gamma)
-    elif method == "random":
-        kept = keep_random(float(density), delta.shape, seed, tid, delta.device)
     else:
-        kept = keep_random(della_probabilities(delta, density, epsilon), delta.shape, seed, tid, delta.device)
+        kept = keep_outliers_removed(delta, density, gamma)
     if rescale:
         return rescale_l1(delta, kept)
     return torch.where(kept, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-
-
-def elect_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """TIES' sign consensus over the leading axis: True where an entry has the sign of the column's sum.
-
-    A zero sum elects ``+`` (mergekit's rule); zero entries never agree.
-    """
-    majority = torch.where(vectors.sum(0) >= 0, 1.0, -1.0).to(vectors.dtype)
-    return torch.sign(vectors) == majority
 
 
 def task_vector_merge(
@@ -282,21 +266,16 @@ def task_vector_merge(
 
 def combine_task_vectors(b: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
                          normalize: bool, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """``b + lam * combine_i(weight_i * delta_i)`` (the last step of :func:`task_vector_merge`), elementwise.
+    """``b + lam * combine_i(weight_i * delta_i)`` (the last step of :func:`task_vector_merge`), elementwise:
+    :func:`kernels.masked_merge` (one launch on CUDA; TIES' consensus elects no sign where the weighted sum is
+    exactly zero, where mergekit elects +: only exact cancellations differ).
 
     Consumes ``deltas`` (the list is emptied so the task vectors can be freed early).
     """
-    if consensus:
-        # the TIES kernel with density 1 is the consensus step alone (a Triton path on CUDA); it elects no sign
-        # where the weighted sum is exactly zero, where mergekit elects + (only exact cancellations differ)
-        merged = kernels.ties(deltas, [float(w) for w in weights], 1.0, normalize)
-    else:
-        total = sum(float(w) for w in weights)
-        divisor = total if normalize and abs(total) >= 1e-8 else 1.0
-        merged = kernels.weighted_sum(deltas, [float(w) / divisor for w in weights], out=torch.empty_like(deltas[0]))
+    merged = kernels.masked_merge(b, deltas, [float(w) for w in weights], inputs_are_deltas=True,
+                                  consensus=consensus, normalize=normalize, lam=float(lam), out_dtype=out_dtype)
     deltas.clear()
-    out = merged if merged.dtype == out_dtype else torch.empty(merged.shape, dtype=out_dtype, device=merged.device)
-    return kernels.weighted_sum([b, merged], [1.0, float(lam)], out=out)  # out may be merged itself
+    return merged
 
 
 def sce_merge(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: float = 1.0,
@@ -342,14 +321,17 @@ class _Crumb:
     scale: float | None = None
 
 
+    def band(self) -> tuple[float, float, float]:
+        """``(lo, hi, scale)`` of :func:`reference.band` (a negative ``lo`` keeps all, ``lo > hi`` none)."""
+        if self.keep == "all":
+            return -1.0, math.inf, 1.0
+        if self.keep == "none":
+            return math.inf, -math.inf, 1.0
+        return self.lo, self.hi, 1.0 if self.scale is None else self.scale
+
+
 def _crumbs(d: torch.Tensor, crumb: _Crumb) -> torch.Tensor:
-    if crumb.keep == "all":
-        return d
-    if crumb.keep == "none":
-        return torch.zeros_like(d)
-    mag = d.abs()
-    masked = _masked(d, (mag >= crumb.lo) & (mag <= crumb.hi))
-    return masked if crumb.scale is None else masked.mul_(crumb.scale)
+    return reference.band(d, *crumb.band())
 
 
 def breadcrumbs_prepare(stream: TensorStream, p: Any) -> list[_Crumb]:
@@ -388,10 +370,10 @@ def breadcrumbs_prepare(stream: TensorStream, p: Any) -> list[_Crumb]:
 def _breadcrumbs_apply(consensus: bool) -> Callable[[Chunk, Any, list[_Crumb], torch.dtype], torch.Tensor]:
     def apply(chunk: Chunk, p: Any, crumbs: list[_Crumb], out_dtype: torch.dtype) -> torch.Tensor:
         assert chunk.base is not None
-        b = chunk.base.to(reference.compute_dtype(chunk.base, *chunk.models))
-        deltas = [_crumbs(d, c) for d, c in zip(chunk_deltas(chunk), crumbs)]
-        return combine_task_vectors(b, deltas, p.per_model["weight"], consensus, bool(p["normalize"]),
-                                    float(p["lambda"]), out_dtype)
+        lo, hi, scales = zip(*(c.band() for c in crumbs))
+        return kernels.masked_merge(chunk.base, chunk.models, [float(w) for w in p.per_model["weight"]], lo=lo,
+                                    hi=hi, scales=scales, consensus=consensus, normalize=bool(p["normalize"]),
+                                    lam=float(p["lambda"]), out_dtype=out_dtype)
 
     return apply
 
@@ -415,18 +397,23 @@ def _variances(chunk: Chunk) -> torch.Tensor:
     return torch.stack(chunk_deltas(chunk)).var(0, unbiased=False).abs()
 
 
-def _key_view(x: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+_key_view = reference.float_key
+
+
+def _chunk_cut(chunk: Chunk, state: _SceState) -> tuple[torch.Tensor | None, int, int]:
+    """The variances and the ``(var_key, cutoff)`` of :func:`reference.sce_cut_mask` for a chunk (None: keep
+    all; "none" is a key above every variance's)."""
+    if state.keep == "all":
+        return None, 0, 0
+    var = _variances(chunk)
+    if state.keep == "none":
+        return var, torch.iinfo(_key_view(var).dtype).max, 0
+    return var, state.var_key, state.cutoff
 
 
 def _sce_keep(chunk: Chunk, state: _SceState) -> torch.Tensor | None:
-    if state.keep == "all":
-        return None
-    keys = _key_view(_variances(chunk))
-    if state.keep == "none":
-        return torch.zeros_like(keys, dtype=torch.bool)
-    index = torch.arange(chunk.start, chunk.stop, device=keys.device)
-    return (keys > state.var_key) | ((keys == state.var_key) & (index < state.cutoff))
+    var, key, cutoff = _chunk_cut(chunk, state)
+    return None if var is None else reference.sce_cut_mask(var, key, cutoff, chunk.start)
 
 
 def _sce_cut(stream: TensorStream, topk: float) -> _SceState:
@@ -478,14 +465,10 @@ def _sce_task_vectors(chunk: Chunk, state: _SceState) -> torch.Tensor:
 
 
 def sce_apply(chunk: Chunk, p: Any, state: _SceState, out_dtype: torch.dtype) -> torch.Tensor:
-    """One chunk of SCE: the cut, the sign election and the weighted disjoint mean, elementwise."""
+    """One chunk of SCE: the cut, the sign election and the weighted disjoint mean (:func:`kernels.sce_merge`)."""
     assert chunk.base is not None
-    tvs = _sce_task_vectors(chunk, state)
-    b = chunk.base.to(tvs.dtype)
-    w = torch.tensor(state.weights, dtype=tvs.dtype, device=tvs.device).view(-1, *[1] * (tvs.dim() - 1))
-    w = w * elect_signs(tvs)
-    merged = (tvs * w).sum(0) / w.sum(0).clamp(min=1e-6)
-    return (b + merged).to(out_dtype)
+    var, key, cutoff = _chunk_cut(chunk, state)
+    return kernels.sce_merge(chunk.base, chunk.models, state.weights, var, key, cutoff, chunk.start, out_dtype)
 
 
 SCE = Streamed(sce_apply, sce_prepare)

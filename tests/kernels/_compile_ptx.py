@@ -20,8 +20,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from mergekit_safe.kernels import kernel_module  # noqa: E402
 
 # The package's attributes of these names are the public functions; the modules live in sys.modules.
-apply, dare, nearswap, slerp, ties, weighted_sum = (
-    kernel_module(m) for m in ("apply", "dare", "nearswap", "slerp", "ties", "weighted_sum")
+apply, band, dare, nearswap, sce, slerp, weighted_sum = (
+    kernel_module(m) for m in ("apply", "band", "dare", "nearswap", "sce", "slerp", "weighted_sum")
 )
 
 D16 = [["tt.divisibility", 16]]
@@ -50,16 +50,24 @@ out["weighted_sum_N2"] = build(
 out["weighted_sum_N8"] = build(
     weighted_sum._weighted_sum_kernel, {"out_ptr": "*bf16", **ptrs, **coefs, "n": "i64"}, {"N": 8, "BLOCK": 4096}
 )
-out["dare"] = build(
-    dare._dare_kernel,
-    {"x_ptr": "*bf16", "out_ptr": "*bf16", "n": "i64", "index_offset": "i64", "key": "i64", "threshold": "i64",
-     "scale": "fp32"},
-    {"BLOCK": 4096},
-)
-out["ties"] = build(
-    ties._ties_kernel,
-    {"out_ptr": "*bf16", "ptr_table": "*i64", "w_table": "*fp32", "thr_table": "*fp32", "n": "i64"},
-    {"N": 3, "IN_DTYPE": tl.bfloat16, "NORMALIZE": True, "ALIGNED": True, "BLOCK": 4096},
+keep_sig = {"x_ptr": "*bf16", "thr_ptr": "*i32", "out_ptr": "*bf16", "n": "i64", "index_offset": "i64", "key": "i64",
+            "threshold": "i64", "scale": "fp32"}
+out["dare"] = build(dare._random_keep_kernel, keep_sig, {"PER_ELEMENT": False, "BLOCK": 4096})
+out["della_keep"] = build(dare._random_keep_kernel, keep_sig, {"PER_ELEMENT": True, "BLOCK": 4096})
+band_sig = {"out_ptr": "*bf16", "base_ptr": "*bf16", "ptr_table": "*i64", "w_table": "*fp32", "lo_table": "*fp32",
+            "hi_table": "*fp32", "scale_table": "*fp32", "n": "i64", "lam": "fp32"}
+band_flags = {"N": 3, "IN_DTYPE": tl.bfloat16, "NORMALIZE": True, "ALIGNED": True, "BLOCK": 4096}
+out["ties"] = build(band._masked_merge_kernel, band_sig,
+                    {**band_flags, "HAS_BASE": False, "SUB_BASE": False, "CONSENSUS": True})
+out["breadcrumbs"] = build(band._masked_merge_kernel, band_sig,
+                           {**band_flags, "HAS_BASE": True, "SUB_BASE": True, "CONSENSUS": False})
+out["breadcrumbs_ties"] = build(band._masked_merge_kernel, band_sig,
+                                {**band_flags, "HAS_BASE": True, "SUB_BASE": True, "CONSENSUS": True})
+out["sce"] = build(
+    sce._sce_kernel,
+    {"out_ptr": "*bf16", "base_ptr": "*bf16", "var_ptr": "*fp32", "ptr_table": "*i64", "w_table": "*fp32",
+     "n": "i64", "start": "i64", "var_key": "i32", "cutoff": "i64", "min_weight": "fp32"},
+    {"N": 3, "IN_DTYPE": tl.bfloat16, "CUT": True, "ALIGNED": True, "BLOCK": 4096},
 )
 out["apply"] = build(
     apply._foreach_weighted_sum_kernel,

@@ -88,3 +88,50 @@ def test_non_contiguous_empty_out_and_errors():
     assert dk.dare(x, 0.5, 1, 2, out=out) is out
     with pytest.raises(KernelError, match=r"^dare: DARE drop probability must be in \[0, 1\), got 1.0$"):
         dk.dare(torch.zeros(3), 1.0, 1, 2)
+
+
+# --- random_keep: DELLA's per-element keep probabilities through the same hash ---
+
+
+def test_random_keep_constant_probability_draws_dares_mask():
+    n, seed, tid = 3001, 17, reference.tensor_id("w", 2)
+    for keep in (1.0, 0.7, 0.3):
+        got = dk.random_keep(torch.ones(n), keep, seed, tid, block_size=128) != 0
+        assert torch.equal(got, reference.dare_keep_mask(n, 1.0 - keep, seed, tid))
+        per_element = dk.random_keep(torch.ones(n), torch.full((n,), keep, dtype=torch.float64), seed, tid) != 0
+        assert torch.equal(per_element, got), f"a constant tensor of {keep} differs from the scalar"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (33, 65)])
+def test_random_keep_per_element_mask_and_values(dtype, shape):
+    """Per-element probabilities (DELLA's ranks) give the mask of the plain-Python hash against
+    floor((1 - p) * 2**32), element by element; kept values are x * scale."""
+    seed, tid, scale = 4, reference.tensor_id("layers.1.w", 1), 1.7
+    x = make(shape, dtype)
+    x.view(-1)[x.view(-1) == 0] = 1.0  # the mask is read off as out != 0
+    probs = torch.linspace(0.05, 0.95, x.numel(), dtype=torch.float64).view(shape)
+    k = min(3, x.numel())
+    probs.view(-1)[:k] = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)[:k]  # never, always, half
+    got = dk.random_keep(x, probs, seed, tid, scale, block_size=64)
+    key = fmix32(fmix32(seed) ^ tid)
+    flat = probs.reshape(-1).tolist()
+    expected_keep = torch.tensor([
+        fmix32(fmix32(i ^ key)) >= min(math.floor((1.0 - p) * 2**32), M32) for i, p in enumerate(flat)
+    ]).view(shape)
+    assert torch.equal(got != 0, expected_keep)
+    assert torch.equal(got != 0, reference.random_keep_mask(probs, x.numel(), seed, tid).view(shape))
+    expected = torch.where(expected_keep, x.double() * scale, 0.0)
+    # one fp32 multiply (scale rounded to fp32: another EPS32), then the output rounding
+    assert_close(got, expected, atol=OUT_ATOL[dtype], rtol=OUT_RTOL[dtype] + 2 * EPS32, what="vs float64")
+    assert torch.equal(got, reference.random_keep(x, probs, seed, tid, scale)), "differs from the torch path"
+
+
+def test_random_keep_slices_and_errors():
+    x, probs = make((1000,), torch.float32), torch.rand(1000, dtype=torch.float64)
+    whole = dk.random_keep(x, probs, 5, 6)
+    assert torch.equal(dk.random_keep(x[600:], probs[600:], 5, 6, index_offset=600), whole[600:])
+    with pytest.raises(KernelError, match=r"^random_keep: keep probability must be in \(0, 1\], got 0.0$"):
+        dk.random_keep(x, 0.0, 1, 2)
+    with pytest.raises(KernelError, match=r"^random_keep: keep_prob has shape \(3,\) on cpu, expected \(1000,\)"):
+        dk.random_keep(x, torch.rand(3), 1, 2)
