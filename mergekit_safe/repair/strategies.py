@@ -10,10 +10,8 @@ of 0 or 1 decided by the group's threshold (:class:`~mergekit_safe.repair.space.
   bisection on the judged unsafe rate climbs towards the fine-tune while staying as safe. The endpoints are the
   base and the fine-tune, already measured as references, so the search costs ``log2(1 / tolerance)`` forward
   runs and a few generation runs. All three bisections are :func:`bisect`.
-* ``tpe`` (several groups): the warm path the caller measured (``repair`` passes the sensitivity-ordered revert
-  path, :mod:`~mergekit_safe.repair.sensitivity`) or else a forward selection of groups (:func:`_warm_start`), then
-  optuna's TPE with the utility and over-refusal bounds as constraints; generation only for candidates that can
-  win.
+* ``tpe`` (several groups): forward selection of groups first (:func:`_warm_start`), then optuna's TPE with the
+  utility and over-refusal bounds as constraints; generation only for candidates that can win.
 * ``nsga2`` (``pareto``): the same with NSGA-II on (unsafe rate, NLL).
 """
 
