@@ -63,8 +63,10 @@ def parse_count(text: str) -> int:
     return int(t[:-1] if mult > 1 else t) * mult
 
 
-def make_pair(folder: Path, numel: int, dtype: str, name: str = "model.layers.0.mlp.up_proj.weight") -> tuple[Path, Path]:
-    """Two single-file checkpoints ``a`` and ``b`` holding one tensor of ``numel`` elements, written in pieces."""
+def make_pair(folder: Path, numel: int, dtype: str, name: str = "model.layers.0.mlp.up_proj.weight",
+              width: int | None = None) -> tuple[Path, Path]:
+    """Two single-file checkpoints ``a`` and ``b`` holding one tensor of ``numel`` elements, written in pieces:
+    flat, or ``(numel // width, width)`` (a matrix, for methods that work on rows)."""
     import torch
 
     from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
@@ -74,7 +76,8 @@ def make_pair(folder: Path, numel: int, dtype: str, name: str = "model.layers.0.
     paths = []
     for tag in ("a", "b"):
         out = folder / tag
-        with CheckpointWriter(out, [TensorSpec(name, (numel,), dt)], 1 << 62) as w:
+        shape = (numel,) if width is None else (numel // width, width)
+        with CheckpointWriter(out, [TensorSpec(name, shape, dt)], 1 << 62) as w:
             for start in range(0, numel, 1 << 22):
                 n = min(numel, start + (1 << 22)) - start
                 w.write(name, torch.randn(n, generator=gen).to(dt))

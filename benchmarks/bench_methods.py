@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("bench_out"), help="cache and outputs [%(default)s]")
     ap.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed [%(default)s]")
     ap.add_argument("--json", type=Path, default=None, help="write the records here")
+    ap.add_argument("--keep-outputs", action="store_true",
+                    help="keep each merged checkpoint (default: deleted once measured; at 1.7 GB a full run's "
+                         "outputs fill tens of GB)")
     args = ap.parse_args()
     size = parse_size(args.size)
     methods = args.methods.split(",")
@@ -107,6 +111,8 @@ def main() -> None:
     for method, cmd in jobs:
         out = args.work_dir / "methods_out" / method
         run = run_once(cmd, out, log, args.timeout)
+        if not args.keep_outputs:
+            shutil.rmtree(out, ignore_errors=True)  # only this benchmark's own output folder
         rec = {"method": method, "rc": run.rc, "wall_s": run.wall_s, "peak_rss_bytes": run.peak_rss,
                "peak_anon_bytes": run.peak_anon, "input_bytes": one_input, "largest_tensor_bytes": largest,
                "models": 2 if method == "copy" else models_for(method), "size": args.size, "hidden": args.hidden,

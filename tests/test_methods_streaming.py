@@ -60,12 +60,28 @@ def _gta(consensus: bool, rescale: bool) -> Callable[..., torch.Tensor]:
     return whole
 
 
+def _della(consensus: bool, rescale: bool) -> Callable[..., torch.Tensor]:
+    def whole(b: torch.Tensor, ms: list[torch.Tensor], out: torch.dtype) -> torch.Tensor:
+        return sparsify.task_vector_merge(
+            b, ms, name=NAME, sparsification="della_magprune", consensus=consensus, weights=[1.0, 0.5, 0.8],
+            densities=[0.3, 0.6, 1.0], normalize=consensus, rescale=rescale, lam=0.9, epsilons=[0.1, 0.25, 0.0],
+            seed=4, out_dtype=out)
+
+    return whole
+
+
+DELLA_MODELS = [{"weight": w, "density": d, "epsilon": e} for w, d, e in ((1.0, 0.3, 0.1), (0.5, 0.6, 0.25),
+                                                                          (0.8, 1.0, 0.0))]
 WEIGHTS = [{"weight": w, "density": d, "gamma": g} for w, d, g in ((1.0, 0.3, 0.05), (0.5, 0.6, 0.1), (0.8, 0.95, 0.02))]
 # (registered method, recipe parameters, per-model parameters, models, the whole-tensor function it must equal)
 CASES = {
     "breadcrumbs": ("breadcrumbs", {"normalize": True}, WEIGHTS, 3, _gta(False, False)),
     "breadcrumbs-rescale": ("breadcrumbs", {"normalize": True, "rescale": True}, WEIGHTS, 3, _gta(False, True)),
     "breadcrumbs_ties": ("breadcrumbs_ties", {"normalize": True, "rescale": True}, WEIGHTS, 3, _gta(True, True)),
+    "della": ("della", {"lambda": 0.9, "seed": 4}, DELLA_MODELS, 3, _della(True, True)),
+    "della_linear": ("della_linear", {"lambda": 0.9, "seed": 4}, DELLA_MODELS, 3, _della(False, True)),
+    "della_linear-plain": ("della_linear", {"lambda": 0.9, "seed": 4, "rescale": False}, DELLA_MODELS, 3,
+                           _della(False, False)),
     "sce": ("sce", {"select_topk": 0.4}, [{}] * 3, 3, lambda b, ms, out: sparsify.sce_merge(b, ms, 0.4, out)),
     "sce-all": ("sce", {}, [{}] * 3, 3, lambda b, ms, out: sparsify.sce_merge(b, ms, 1.0, out)),
     "model_stock": ("model_stock", {}, [{}] * 3, 3, lambda b, ms, out: geometry.model_stock(b, ms, out_dtype=out)),
@@ -96,8 +112,28 @@ def test_streamed_equals_the_whole_tensor_code(case: str, dtype: torch.dtype, ch
     assert torch.equal(streamed(method, base, models, params, model_params, None), want)
 
 
+@pytest.mark.parametrize("case", ["della", "della_linear"])
+@pytest.mark.parametrize("chunk", [7, 30, 100])
+def test_della_streams_in_whole_rows(case: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a 2-row block (22 elements): chunks of 1, 1, 4 blocks, so rows are ranked, drawn and L1-summed per chunk
+    monkeypatch.setattr(sparsify, "REDUCE_BLOCK", 22)
+    assert sparsify.della_unit((13, 11)) == 22
+    method, params, model_params, n, whole = CASES[case]
+    base, models = inputs((13, 11), torch.bfloat16, n)
+    want = whole(base, models, torch.float32)
+    got = streamed(method, base, models, params, model_params, chunk)
+    assert torch.equal(got, want), f"{case} chunk={chunk}: {int((got != want).sum())} of {got.numel()} differ"
+
+
+def test_della_unit_is_whole_rows() -> None:
+    assert sparsify.della_unit((4096, 576)) == 576 * (sparsify.REDUCE_BLOCK // 576)
+    assert sparsify.della_unit((10, 100_000)) == 100_000  # a row longer than the block: one row
+    assert sparsify.della_unit((300,)) == 300  # 1-D: one row, ranked whole
+    assert sparsify.della_unit((2, 3, 4)) == 24
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["breadcrumbs_ties", "sce", "model_stock", "multislerp"])
+@pytest.mark.parametrize("case", ["breadcrumbs_ties", "sce", "model_stock", "multislerp", "della"])
 def test_streamed_equals_whole_across_reduction_blocks(case: str) -> None:
     # past one float64 block of each reduction (the Gram's and the norms'): chunk boundaries fall inside blocks
     # and blocks straddle chunks, so the stitching in aligned_blocks decides the bits
@@ -157,15 +193,25 @@ def big_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, tupl
     return a, b, make_pair(work / "tiny", 4096, "bfloat16"), work
 
 
+@pytest.fixture(scope="module")
+def big_matrix_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, tuple[Path, Path], Path]:
+    from benchmarks.bench_memory import make_pair
+
+    work = tmp_path_factory.mktemp("memory-rows")
+    a, b = make_pair(work / "big", BIG, "bfloat16", width=4096)
+    return a, b, make_pair(work / "tiny", 4096, "bfloat16", width=64), work
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("op,params", [("breadcrumbs", {"density": 0.5}), ("sce", {"select_topk": 0.5}),
-                                       ("karcher", {}), ("nearswap", {"t": 0.001})])
+                                       ("karcher", {}), ("nearswap", {"t": 0.001}), ("della", {"density": 0.5})])
 def test_peak_memory_is_set_by_the_chunk(op: str, params: dict, monkeypatch: pytest.MonkeyPatch,
-                                         big_pair: tuple[Path, Path, tuple[Path, Path], Path]) -> None:
+                                         request: pytest.FixtureRequest) -> None:
     from benchmarks import bench_memory
 
     monkeypatch.setitem(bench_memory.PARAMS, op, params)
-    a, b, tiny, work = big_pair
+    # DELLA ranks within rows: a flat tensor is one row, ranked whole, so its case is a matrix
+    a, b, tiny, work = request.getfixturevalue("big_matrix_pair" if op == "della" else "big_pair")
     tensor_bytes = BIG * 2
     grown = bench_memory.peak_growth(op, a, b, tiny, work, CHUNK)
     # as in test_memory.py: whole-tensor code grows by several float32 copies of the tensor (2x its bf16 size

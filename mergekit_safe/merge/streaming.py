@@ -66,6 +66,17 @@ class Streamed:
 
     apply: Callable[[Chunk, Any, Any, torch.dtype], torch.Tensor]
     prepare: Callable[[TensorStream, Any], Any] | None = None
+    unit: Callable[[tuple[int, ...]], int] | None = None
+
+    def chunk_unit(self, shape: tuple[int, ...]) -> int:
+        """Elements every chunk of a tensor of ``shape`` holds a whole multiple of (1: any cut; DELLA: whole
+        rows, since its rank is taken within a row)."""
+        return max(1, self.unit(shape)) if self.unit is not None else 1
+
+
+def chunk_step(chunk_elems: int, unit: int) -> int:
+    """The chunk size actually used: ``chunk_elems`` rounded down to a multiple of ``unit`` (at least one unit)."""
+    return max(unit, chunk_elems - chunk_elems % unit)
 
 
 class TensorsStream:
@@ -76,16 +87,17 @@ class TensorsStream:
         base: the base tensor, or None.
         models: the other inputs, of one shape.
         chunk_elems: elements per chunk; None: one chunk.
+        unit: chunks hold whole multiples of this many elements (:meth:`Streamed.chunk_unit`).
     """
 
     def __init__(self, name: str, base: torch.Tensor | None, models: list[torch.Tensor],
-                 chunk_elems: int | None = None) -> None:
+                 chunk_elems: int | None = None, unit: int = 1) -> None:
         self.name = name
         self.base = base.reshape(-1) if base is not None else None
         self.models = [m.reshape(-1) for m in models]
         self.numel = self.models[0].numel() if self.models else 0
         self.shape = tuple(models[0].shape) if models else (0,)
-        self.step = max(1, chunk_elems or self.numel or 1)
+        self.step = chunk_step(max(1, chunk_elems or self.numel or 1), unit)
 
     def chunks(self) -> Iterator[Chunk]:
         for start in range(0, max(self.numel, 1), self.step):
@@ -98,7 +110,7 @@ def run_whole(method: Streamed, name: str, base: torch.Tensor | None, models: li
               out_dtype: torch.dtype, chunk_elems: int | None = None) -> torch.Tensor:
     """Run a streamed method on whole in-memory tensors (optionally in chunks) and return the merged tensor."""
     like = models[0]
-    stream = TensorsStream(name, base, models, chunk_elems)
+    stream = TensorsStream(name, base, models, chunk_elems, method.chunk_unit(tuple(like.shape)))
     state = method.prepare(stream, params) if method.prepare is not None else None
     out = torch.empty(stream.numel, dtype=out_dtype, device=like.device)
     for chunk in stream.chunks():

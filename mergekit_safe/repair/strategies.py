@@ -10,8 +10,10 @@ of 0 or 1 decided by the group's threshold (:class:`~mergekit_safe.repair.space.
   bisection on the judged unsafe rate climbs towards the fine-tune while staying as safe. The endpoints are the
   base and the fine-tune, already measured as references, so the search costs ``log2(1 / tolerance)`` forward
   runs and a few generation runs. All three bisections are :func:`bisect`.
-* ``tpe`` (several groups): forward selection of groups first (:func:`_warm_start`), then optuna's TPE with the
-  utility and over-refusal bounds as constraints; generation only for candidates that can win.
+* ``tpe`` (several groups): the warm path the caller measured (``repair`` passes the sensitivity-ordered revert
+  path, :mod:`~mergekit_safe.repair.sensitivity`), then a forward selection of groups (:func:`_warm_start`), then
+  optuna's TPE with the utility and over-refusal bounds as constraints; generation only for candidates that can
+  win.
 * ``nsga2`` (``pareto``): the same with NSGA-II on (unsafe rate, NLL).
 """
 
@@ -198,19 +200,31 @@ def can_win_rule(trials: Trials, slack: float) -> Callable[[TrialResult], bool]:
         if trials.pareto:
             return not any(r.unsafe_rate + slack < res.unsafe_rate and r.nll <= res.nll for r in judged)
         best = best_of(judged)
-        return best is None or res.unsafe_rate <= best.unsafe_rate + slack
+        if best is None:
+            return True
+        if res.unsafe is None and res.margin is not None and best.margin is not None:
+            # the margin proxy is trusted to rank candidates (its Spearman with the judge), not to give the judge's
+            # level: on the organism the first judged revert-path candidate had a proxy of 0.95 and a judged rate
+            # of 0.12, and against 0.12 every later proxy looked hopeless. Compare proxy with proxy.
+            assert best.proxy_unsafe is not None and res.proxy_unsafe is not None
+            return res.proxy_unsafe <= best.proxy_unsafe + slack
+        return res.unsafe_rate <= best.unsafe_rate + slack
     return can_win
 
 
 def explore(trials: Trials, can_win: Callable[[TrialResult], bool], warm: Sequence[dict[str, float]] | None,
             warm_start: bool = True) -> None:
-    """The ``warm`` path (or, with ``warm_start``, the forward selection), then the sampler until one trial of the
-    budget is left (or the study's shared budget says stop)."""
-    if warm:
-        for coeffs in warm:
-            if trials.run(dict(coeffs), can_win) is None:
-                break
-    elif warm_start:
+    """The ``warm`` path, then (with ``warm_start``) the forward selection, then the sampler until one trial of the
+    budget is left (or the study's shared budget says stop).
+
+    Both starts, in that order: on the real-model testbed only the revert path reached candidates that keep the
+    skill within the budget (the skill needs every group moved together), while on the organism the forward
+    selection is what finds the safe corner (one group alone carries it); the sampler then learns from both.
+    """
+    for coeffs in warm or ():
+        if trials.run(dict(coeffs), can_win) is None:
+            return
+    if warm_start and not trials.budget.out_of_time():
         _warm_start(trials, can_win)
     while trials.left > 1 and not trials.budget.out_of_time():
         if trials.run(None, can_win) is None:

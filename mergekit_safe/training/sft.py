@@ -105,14 +105,15 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[ChatExample], cfg: 
         seed: the batch order.
         tick: called after every optimiser step (progress bars, checkpoints, an EMA update).
     """
-    input_ids, labels, mask = encode_examples(tokenizer, examples)
-    gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device  # the batches go where the model is (a no-op on the CPU)
+    input_ids, labels, mask = (t.to(device) for t in encode_examples(tokenizer, examples))
+    gen = torch.Generator().manual_seed(seed)  # CPU draws: the batch order is the same on every device
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.train()
     losses = []
     for step in range(cfg.steps):
-        idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen).to(device)
         width = int(mask[idx].sum(1).max())  # trim padding columns the batch does not need
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
