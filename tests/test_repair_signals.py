@@ -18,7 +18,7 @@ from mergekit_safe.repair.objective import Budget, Evaluator, Judgement
 from mergekit_safe.repair.space import CandidateSpace, build_space
 from mergekit_safe.repair.strategies import run_search
 from tests.helpers import assert_close
-from tests.test_search import N_PROMPTS, toy_space
+from tests.test_search import N_PROMPTS, toy_evaluator, toy_space
 
 
 def test_spearman_matches_scipy() -> None:
@@ -219,3 +219,21 @@ def test_budget_reserve_stops_early() -> None:
     assert not b.out_of_time()
     b.reserve = 100.0
     assert b.out_of_time()  # nothing left once the confirmation run is set aside
+    b = Budget(10, seconds=100.0, reserve=30.0)
+    assert b.fits(60.0) and not b.fits(75.0)  # a step starts only if it ends before the reserve
+    assert Budget(10).fits(1e9)  # no wall-clock budget: everything fits
+
+
+def test_trials_skip_a_generation_that_would_overrun() -> None:
+    from mergekit_safe.repair.objective import Trials, open_study
+
+    space = toy_space(["attention", "mlp"])
+    ev = toy_evaluator(space, nll_max=10.0, calls={"nll": 0, "judge": 0})
+    budget = Budget(5, seconds=200.0, reserve=60.0)
+    budget.start -= 90.0  # 90 s spent: a 60 s generation run plus the 60 s reserve no longer fit in 200 s
+    trials = Trials(ev, open_study(None, "budget", pareto=False, seed=0), budget)
+    res = trials.run({"attention": 0.5, "mlp": 0.5}, True)
+    assert res is not None and not res.judged and ev.costs.generation_runs == 0
+    budget.start += 90.0  # back to a fresh budget: now it fits
+    res = trials.run({"attention": 0.25, "mlp": 0.5}, True)
+    assert res is not None and res.judged and ev.costs.generation_runs == 1
