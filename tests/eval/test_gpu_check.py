@@ -46,6 +46,15 @@ def test_table_reports_a_failed_step_as_a_row():
                                 "ms)"]
 
 
+def test_table_shows_the_testbed_build_per_stage():
+    manifest = {"device": "cuda", "build_seconds": 181.4,
+                "stages": {"base": {"seconds": 20.0}, "data": {"seconds": 11.2}, "aligned": {"seconds": 70.1},
+                           "finetune": {"seconds": 80.1}}}
+    line = gpu_check.table({"testbed": {"rc": 0, "tail": [], "json": manifest}}).splitlines()[2]
+    assert line.split() == ["testbed", "build", "[cuda]", "181", "s", "base", "20", "s,", "data", "11", "s,",
+                            "aligned", "70", "s,", "finetune", "80", "s"]
+
+
 def test_package_view_makes_kernels_importable_without_install(tmp_path):
     root = gpu_check.package_root(tmp_path, force_view=True)
     assert root == tmp_path / "src"
